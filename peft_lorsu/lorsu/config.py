@@ -1,0 +1,207 @@
+"""Configuration of LoRSU (Low-Rank Structured Updates)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ..registry import add_peft_type
+
+TOWERS = ("vision", "text", "both")
+SELECTIONS = ("gradient", "random")
+INIT_CHOICES = (True, False, "lorsu", "lora")
+
+
+@dataclass
+class LoRSUConfig(PeftConfig):
+    """Configuration of a LoRSU adapter.
+
+    LoRSU adapts the transformer encoder of a CLIP-style model with three structured updates per encoder layer: a
+    low-rank update confined to the q/k/v rows of the ``top_k_heads`` most important attention heads, a sparse update
+    of the ``sparsity`` fraction of the first MLP layer's (fc1) entries with the largest mean gradient, and (optional,
+    on by default as in the reference run) dense bias deltas and an unmasked low-rank update of the output projection.
+    Which heads and which fc1 entries are chosen by :func:`peft_lorsu.probe_lorsu`, run before ``get_peft_model``.
+
+    Symbols: ``L`` targeted layers, width ``d``, ``H`` heads of size ``d_h = d / H``, fc1 width ``m``, projection
+    output ``o``. With all parts on, the number of trainable parameters is
+    ``L * (floor(sparsity * m * d) + m + 3 * d + r * (3 * top_k_heads * d_h + d)) + r * (d + o)``.
+
+    Args:
+        r (`int`, defaults to 64):
+            Rank of the low-rank updates, ``>= 1``.
+        lora_alpha (`float`, defaults to 64):
+            The low-rank updates are scaled by ``lora_alpha / r``.
+        lora_dropout (`float`, defaults to 0.0):
+            Dropout on the input of the low-rank updates, in ``[0, 1)``. The reference uses none.
+        top_k_heads (`int`, defaults to 2):
+            Attention heads adapted per layer, ``1 <= top_k_heads <= num_heads``.
+        sparsity (`float`, defaults to 0.1):
+            Fraction of fc1 entries updated per layer, in ``(0, 1]``; ``S = floor(sparsity * m * d)`` entries.
+        tower (`str`, defaults to `"vision"`):
+            Which encoder to adapt: ``"vision"``, ``"text"`` or ``"both"``.
+        layers_to_transform (`list[int]`, *optional*):
+            Encoder layer indices to adapt; all layers of the chosen tower(s) when ``None``.
+        target_modules (`str` or `list[str]`, *optional*):
+            Further restricts the modules LoRSU detects (q/k/v, fc1, projection) to those matching this regex (a
+            string, full match) or whose name ends with one of these names (a list). ``None`` keeps all of them.
+        adapt_attention (`bool`, defaults to `True`):
+            Apply the head-masked low-rank update to q/k/v.
+        adapt_mlp (`bool`, defaults to `True`):
+            Apply the sparse update to fc1.
+        adapt_projection (`bool`, defaults to `True`):
+            Apply an unmasked rank-``r`` update to the tower's output projection (``visual_projection`` /
+            ``text_projection``) when the model has one. On in the reference run.
+        train_biases (`bool`, defaults to `True`):
+            Train dense bias deltas of q, k, v (all heads) and fc1. On in the reference run.
+        share_qkv_factor (`bool`, defaults to `True`):
+            One input-side factor ``V`` (r x d) shared by q, k and v, as in the paper. ``False`` gives each projection
+            its own factor (the VLM variant of the paper).
+        init_weights (`bool` or `str`, defaults to `True`):
+            ``"lorsu"``: output-side factor ``U`` Kaiming-uniform, input-side ``V`` zero (the reference).
+            ``"lora"``: ``V`` Kaiming-uniform and ``U`` zero (PEFT's usual layout). ``True`` picks ``"lorsu"`` with a
+            shared factor and ``"lora"`` with separate ones. ``False`` makes every update non-zero at init (tests).
+        selection (`str`, defaults to `"gradient"`):
+            ``"gradient"``: heads and fc1 entries come from :func:`probe_lorsu`. ``"random"``: chosen at random
+            from ``seed`` without data (ablation).
+        seed (`int`, defaults to 0):
+            Seed of the random selection.
+        probe_samples (`int`, defaults to 1000):
+            The probe stops once it has seen at least this many samples and no accumulated gradient entry is zero
+            (or when the dataloader ends, or after ``num_batches``).
+        selected_heads (`dict[str, list[int]]`, *optional*):
+            Written by the probe: attention module name -> the chosen head indices, ascending.
+        head_scores (`dict[str, list[float]]`, *optional*):
+            Written by the probe: attention module name -> importance of every head.
+        modules_to_save (`list[str]`, *optional*):
+            Extra modules trained in full and saved with the adapter (PEFT's usual field).
+    """
+
+    r: int = field(default=64, metadata={"help": "Rank of the low-rank updates (>= 1)."})
+    lora_alpha: float = field(default=64, metadata={"help": "Scale of the low-rank updates is lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the low-rank input, in [0, 1)."})
+    top_k_heads: int = field(default=2, metadata={"help": "Attention heads adapted per layer."})
+    sparsity: float = field(default=0.1, metadata={"help": "Fraction of fc1 entries updated per layer, in (0, 1]."})
+    tower: Literal["vision", "text", "both"] = field(
+        default="vision", metadata={"help": "Encoder(s) to adapt: 'vision', 'text' or 'both'."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Encoder layer indices to adapt (default: all)."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Optional regex / name list restricting the detected modules."}
+    )
+    adapt_attention: bool = field(default=True, metadata={"help": "Head-masked low-rank update of q/k/v."})
+    adapt_mlp: bool = field(default=True, metadata={"help": "Sparse update of fc1."})
+    adapt_projection: bool = field(default=True, metadata={"help": "Low-rank update of the output projection."})
+    train_biases: bool = field(default=True, metadata={"help": "Dense bias deltas for q, k, v and fc1."})
+    share_qkv_factor: bool = field(default=True, metadata={"help": "One input-side factor shared by q, k, v."})
+    init_weights: Union[bool, Literal["lorsu", "lora"]] = field(
+        default=True, metadata={"help": "'lorsu', 'lora', True (method default) or False (random, for tests)."}
+    )
+    selection: Literal["gradient", "random"] = field(
+        default="gradient", metadata={"help": "'gradient' (probe_lorsu) or 'random' (seeded ablation)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random selection."})
+    probe_samples: int = field(default=1000, metadata={"help": "Minimum samples the probe accumulates."})
+    selected_heads: Optional[dict[str, list[int]]] = field(
+        default=None, metadata={"help": "Probe result: attention module name -> chosen heads."}
+    )
+    head_scores: Optional[dict[str, list[float]]] = field(
+        default=None, metadata={"help": "Probe result: attention module name -> score of every head."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = add_peft_type("LORSU")
+        # fc1 indices are tensors (S per layer): too large for JSON, so they travel in memory from the probe to
+        # get_peft_model and are saved as buffers in adapter_model.safetensors.
+        self.fc1_indices: Optional[dict] = getattr(self, "fc1_indices", None)
+        self._validate()
+
+    def _validate(self) -> None:
+        def check(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"LoRSUConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "r", "an integer >= 1")
+        check(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "a number > 0")
+        check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
+        check(
+            isinstance(self.top_k_heads, int) and not isinstance(self.top_k_heads, bool) and self.top_k_heads >= 1,
+            "top_k_heads",
+            "an integer >= 1 (and <= the model's heads per layer)",
+        )
+        check(_is_number(self.sparsity) and 0 < self.sparsity <= 1, "sparsity", "in (0, 1]")
+        check(self.tower in TOWERS, "tower", f"one of {TOWERS}")
+        check(self.selection in SELECTIONS, "selection", f"one of {SELECTIONS}")
+        check(self.init_weights in INIT_CHOICES, "init_weights", f"one of {INIT_CHOICES}")
+        check(isinstance(self.probe_samples, int) and self.probe_samples >= 1, "probe_samples", "an integer >= 1")
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        check(
+            self.layers_to_transform is None
+            or (
+                isinstance(self.layers_to_transform, (list, tuple))
+                and all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform)
+            ),
+            "layers_to_transform",
+            "None, an int or a list of non-negative ints",
+        )
+        check(
+            self.target_modules is None
+            or isinstance(self.target_modules, str)
+            or (isinstance(self.target_modules, (list, tuple, set)) and all(isinstance(t, str) for t in self.target_modules)),
+            "target_modules",
+            "None, a regex string or a list of module names",
+        )
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if not (self.adapt_attention or self.adapt_mlp or self.adapt_projection or self.train_biases):
+            raise ValueError(
+                "LoRSUConfig has nothing to train: adapt_attention, adapt_mlp, adapt_projection and train_biases are "
+                "all False"
+            )
+        if self.selected_heads is not None:
+            check(
+                isinstance(self.selected_heads, dict)
+                and all(
+                    isinstance(h, (list, tuple)) and len(h) == self.top_k_heads and len(set(h)) == len(h)
+                    for h in self.selected_heads.values()
+                ),
+                "selected_heads",
+                f"a dict of module name -> {self.top_k_heads} distinct head indices (top_k_heads)",
+            )
+            self.selected_heads = {k: sorted(int(i) for i in v) for k, v in self.selected_heads.items()}
+        if self.lora_dropout > 0 and self.share_qkv_factor:
+            warnings.warn(
+                "LoRSUConfig.lora_dropout > 0 with a shared q/k/v factor: each projection draws its own dropout mask",
+                stacklevel=2,
+            )
+
+    @property
+    def resolved_init(self) -> Union[bool, str]:
+        """The init scheme after resolving ``True`` to the variant's default."""
+        if self.init_weights is True:
+            return "lorsu" if self.share_qkv_factor else "lora"
+        return self.init_weights
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    @property
+    def has_selection(self) -> bool:
+        """Whether the probe (or a random selection) has filled in what ``get_peft_model`` needs."""
+        heads_ok = self.selected_heads is not None or not self.adapt_attention
+        fc1_ok = self.fc1_indices is not None or not self.adapt_mlp
+        return heads_ok and fc1_ok
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,352 @@
+"""LoRSU tuner layers: a head-masked low-rank linear (q/k/v, projection) and a sparse-delta linear (fc1).
+
+Symbols for one attention block: width ``d``, ``H`` heads of size ``d_h``, ``k = top_k_heads``, rank ``r``.
+Head ``h`` owns output rows ``[h * d_h, (h + 1) * d_h)`` of each of q, k and v. The paper writes the update of the
+stacked ``[W_q; W_k; W_v]`` (3d x d) as ``(alpha / r) * M * (U V)`` with a row mask ``M``; here each projection keeps
+only the rows of the selected heads, so ``U`` has ``k * d_h`` rows per projection instead of a masked ``d``:
+
+- ``lorsu_U``: `(k * d_h, r)`, output-side factor, rows of the selected heads only (`(d_out, r)` for the projection).
+- ``lorsu_V``: `(r, d)`, input-side factor; with ``share_qkv_factor`` it lives on one projection of the block (the
+  *owner*) and the two others read it, so q, k and v share it as in the paper.
+- ``lorsu_rows``: `(k * d_h,)` int64, the output rows the update writes to (absent for the projection: all rows).
+- ``lorsu_values`` / ``lorsu_indices``: `(S,)` values and int64 flat indices into fc1's `(m, d)` weight.
+- ``lorsu_bias``: `(d_out,)` dense bias delta (``train_biases``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+
+from .functional import scatter_delta, sparse_delta_linear
+
+
+class LoRSULayer(BaseTunerLayer):
+    """State and merge logic shared by LoRSU's linears: per-adapter bias deltas and the merge bookkeeping.
+
+    Layers implement ``get_delta_weight(adapter) -> (d_out, d_in) | None`` and ``_adapted_forward(x)``.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ("lorsu_bias",)
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.lorsu_bias = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        if not isinstance(self.get_base_layer(), nn.Linear):
+            raise TypeError(f"LoRSU wraps torch.nn.Linear layers, got {type(self.get_base_layer()).__name__}")
+        self.kwargs = kwargs
+
+    def _update_bias(self, adapter_name: str, train_bias: bool, random_init: bool) -> None:
+        if not train_bias:
+            return
+        if self.get_base_layer().bias is None:
+            raise ValueError(f"train_biases: {self.get_base_layer()} has no bias to train")
+        bias = torch.zeros(self.out_features)
+        if random_init:
+            nn.init.normal_(bias, std=0.02)
+        self.lorsu_bias[adapter_name] = nn.Parameter(bias)
+
+    def _add_bias_deltas(self, result: torch.Tensor) -> torch.Tensor:
+        for adapter in self.active_adapters:
+            if adapter in self.lorsu_bias:
+                result = result + self.lorsu_bias[adapter].to(result.dtype)
+        return result
+
+    def get_delta_weight(self, adapter: str) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the deltas of ``adapter_names`` (default: active adapters) to the base weight and bias.
+
+        Args:
+            safe_merge: build the merged tensors out of place and refuse them if they hold NaN/inf.
+            adapter_names: adapters to merge.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self._all_available_adapter_names():
+                continue
+            delta_w = self.get_delta_weight(adapter)
+            delta_b = self.lorsu_bias[adapter].detach() if adapter in self.lorsu_bias else None
+            new_w = base.weight.data + delta_w.to(base.weight.dtype) if delta_w is not None else None
+            new_b = base.bias.data + delta_b.to(base.bias.dtype) if delta_b is not None else None
+            if safe_merge:
+                for t in (new_w, new_b):
+                    if t is not None and not torch.isfinite(t).all():
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems broken")
+            if new_w is not None:
+                base.weight.data = new_w
+            if new_b is not None:
+                base.bias.data = new_b
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's deltas again, newest first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            delta_w = self.get_delta_weight(adapter)
+            if delta_w is not None:
+                base.weight.data = base.weight.data - delta_w.to(base.weight.dtype)
+            if adapter in self.lorsu_bias:
+                base.bias.data = base.bias.data - self.lorsu_bias[adapter].detach().to(base.bias.dtype)
+
+
+class LoRSULinear(nn.Module, LoRSULayer):
+    """Base of LoRSU's linears: the three-way forward (disabled / merged / base plus active adapters)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        nn.Module.__init__(self)
+        LoRSULayer.__init__(self, base_layer)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self._add_bias_deltas(self._adapted_forward(x, *args, **kwargs))
+
+    def _adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return "lorsu." + super().__repr__()
+
+
+
+class HeadLoRALinear(LoRSULinear):
+    """Low-rank update confined to the output rows of selected attention heads (all rows for a projection).
+
+    ``delta_W = (lora_alpha / r) * scatter_rows(U @ V)`` with ``U``: `(n_rows, r)`, ``V``: `(r, d_in)`.
+    Compute and parameters exist only for the selected rows.
+    """
+
+    adapter_layer_names = ("lorsu_U", "lorsu_V", "lorsu_bias")
+    other_param_names = ("lorsu_rows", "lorsu_dropout", "r", "scaling", "heads", "factor_owner")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+        super().__init__(base_layer)
+        self.lorsu_U = nn.ParameterDict({})
+        self.lorsu_V = nn.ParameterDict({})
+        self.lorsu_rows = BufferDict({}, persistent=False)
+        self.lorsu_dropout = nn.ModuleDict({})
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.heads: dict[str, Optional[list[int]]] = {}
+        # adapter -> layer holding V (self, or the sibling projection that owns the shared factor). A plain dict, so
+        # the owner is not registered as a submodule twice.
+        self.factor_owner: dict[str, HeadLoRALinear] = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        heads: Optional[list[int]] = None,
+        head_dim: int = 0,
+        low_rank: bool = True,
+        train_bias: bool = False,
+        init: str | bool = "lorsu",
+        factor_owner: Optional[HeadLoRALinear] = None,
+        inference_mode: bool = False,
+    ) -> None:
+        """Add adapter ``adapter_name``.
+
+        Args:
+            heads: selected head indices (rows ``h * head_dim ...``); ``None`` adapts every output row.
+            low_rank: ``False`` gives only a bias delta (q/k/v with ``adapt_attention=False``).
+            factor_owner: a sibling whose ``lorsu_V[adapter_name]`` this layer reads instead of owning one.
+            init: ``"lorsu"`` (U Kaiming, V zero), ``"lora"`` (V Kaiming, U zero) or ``False`` (both random).
+        """
+        if r < 1:
+            raise ValueError(f"r must be >= 1, got {r}")
+        self.heads[adapter_name] = None if heads is None else list(heads)
+        if low_rank:
+            if heads is None:
+                n_rows = self.out_features
+            else:
+                if head_dim * (max(heads) + 1) > self.out_features or min(heads) < 0:
+                    raise ValueError(
+                        f"heads {heads} with head_dim {head_dim} exceed the {self.out_features} rows of {self.base_layer}"
+                    )
+                rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+                self.lorsu_rows[adapter_name] = rows
+                n_rows = rows.numel()
+            self.r[adapter_name] = r
+            self.scaling[adapter_name] = lora_alpha / r
+            self.lorsu_U[adapter_name] = nn.Parameter(torch.empty(n_rows, r))
+            owner = factor_owner if factor_owner is not None else self
+            self.factor_owner[adapter_name] = owner
+            if owner is self:
+                self.lorsu_V[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+            elif owner.lorsu_V[adapter_name].shape != (r, self.in_features):
+                raise ValueError(f"shared factor of {adapter_name} has shape {tuple(owner.lorsu_V[adapter_name].shape)}")
+            self.lorsu_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+            self.reset_lorsu_parameters(adapter_name, init)
+        self._update_bias(adapter_name, train_bias, random_init=init is False)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_lorsu_parameters(self, adapter_name: str, init: str | bool) -> None:
+        U = self.lorsu_U[adapter_name]
+        own_V = adapter_name in self.lorsu_V
+        with torch.no_grad():
+            if init in ("lorsu", False):
+                # Kaiming-uniform with a = sqrt(5) on a (rows, r) tensor is U(-1/sqrt(r), 1/sqrt(r)).
+                nn.init.kaiming_uniform_(U, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(U)
+            if own_V:
+                V = self.lorsu_V[adapter_name]
+                if init in ("lora", False):
+                    nn.init.kaiming_uniform_(V, a=math.sqrt(5))
+                else:
+                    nn.init.zeros_(V)
+
+    def factor(self, adapter: str) -> torch.Tensor:
+        """The input-side factor ``V`` `(r, d_in)` this layer uses for ``adapter`` (its own or the shared one)."""
+        return self.factor_owner[adapter].lorsu_V[adapter]
+
+    def get_delta_weight(self, adapter: str) -> Optional[torch.Tensor]:
+        """Dense `(d_out, d_in)` delta of ``adapter`` in the adapter's dtype, or ``None`` if it has no low-rank part."""
+        if adapter not in self.lorsu_U:
+            return None
+        block = (self.lorsu_U[adapter] @ self.factor(adapter)) * self.scaling[adapter]
+        if adapter not in self.lorsu_rows:
+            return block
+        delta = block.new_zeros(self.out_features, self.in_features)
+        return delta.index_add(0, self.lorsu_rows[adapter], block)
+
+    def _adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:
+            if adapter not in self.lorsu_U:
+                continue
+            V = self.factor(adapter)
+            z = F.linear(self.lorsu_dropout[adapter](self._cast_input_dtype(x, V.dtype)), V)  # (..., r)
+            delta = F.linear(z, self.lorsu_U[adapter]) * self.scaling[adapter]  # (..., n_rows)
+            if adapter in self.lorsu_rows:
+                result = result.index_add(-1, self.lorsu_rows[adapter], delta.to(result.dtype))
+            else:
+                result = result + delta.to(result.dtype)
+        return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+
+class SparseLinear(LoRSULinear):
+    """Sparse additive update of S fixed entries of the weight (fc1): ``W + scatter(values, indices)``.
+
+    The indices come from the probe (or from the saved adapter); until one of the two provides them the layer
+    refuses to run, so a placeholder can never be trained by mistake.
+    """
+
+    adapter_layer_names = ("lorsu_values", "lorsu_bias")
+    other_param_names = ("lorsu_indices", "indices_pending")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+        super().__init__(base_layer)
+        self.lorsu_values = nn.ParameterDict({})
+        self.lorsu_indices = BufferDict({}, persistent=True)
+        self.indices_pending: dict[str, bool] = {}
+        self._active_adapter = adapter_name
+        self._register_load_state_dict_pre_hook(self._check_loaded_indices, with_module=False)
+        self.update_layer(adapter_name, **kwargs)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        num_values: int = 0,
+        indices: Optional[torch.Tensor] = None,
+        train_bias: bool = False,
+        init: str | bool = "lorsu",
+        inference_mode: bool = False,
+    ) -> None:
+        """Add adapter ``adapter_name`` with ``num_values`` (S) trainable entries at ``indices`` `(S,)`.
+
+        ``indices=None`` creates a placeholder that a saved adapter's ``lorsu_indices`` must fill before use.
+        """
+        numel = self.in_features * self.out_features
+        if num_values:
+            if indices is None:
+                indices = torch.full((num_values,), -1, dtype=torch.long)
+                self.indices_pending[adapter_name] = True
+            else:
+                indices = self._validated_indices(indices, num_values)
+            values = torch.zeros(num_values)
+            if init is False:
+                nn.init.normal_(values, std=0.02)
+            self.lorsu_values[adapter_name] = nn.Parameter(values)
+            self.lorsu_indices[adapter_name] = indices
+        elif indices is not None:
+            raise ValueError(f"indices given for {numel} entries but num_values is 0")
+        self._update_bias(adapter_name, train_bias, random_init=init is False)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _validated_indices(self, indices: torch.Tensor, num_values: int) -> torch.Tensor:
+        numel = self.in_features * self.out_features
+        if indices.dtype not in (torch.int32, torch.int64) or indices.shape != (num_values,):
+            raise ValueError(
+                f"fc1 indices must be an int64 tensor of shape ({num_values},), got {indices.dtype} {tuple(indices.shape)}"
+            )
+        if num_values and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            raise ValueError(f"fc1 indices must lie in [0, {numel}), got [{int(indices.min())}, {int(indices.max())}]")
+        return indices.long()
+
+    def _check_loaded_indices(self, state_dict, prefix, *args) -> None:
+        # Runs before load_state_dict copies tensors in: validate what a saved adapter brings, then mark it loaded.
+        for adapter in list(self.lorsu_indices.keys()):
+            key = f"{prefix}lorsu_indices.{adapter}"
+            if key in state_dict:
+                self._validated_indices(state_dict[key], self.lorsu_values[adapter].numel())
+                self.indices_pending.pop(adapter, None)
+
+    def _deltas(self, adapters: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pending = [a for a in adapters if self.indices_pending.get(a)]
+        if pending:
+            raise RuntimeError(
+                f"LoRSU adapter(s) {pending}: the fc1 indices of {self.base_layer} were neither chosen by probe_lorsu "
+                "nor loaded from a saved adapter; call probe_lorsu before get_peft_model"
+            )
+        return [(self.lorsu_values[a], self.lorsu_indices[a]) for a in adapters if a in self.lorsu_values]
+
+    def get_delta_weight(self, adapter: str) -> Optional[torch.Tensor]:
+        """Dense `(m, d)` delta of ``adapter`` in the adapter's dtype, or ``None`` if it has no sparse part."""
+        deltas = self._deltas([adapter])
+        if not deltas:
+            return None
+        zeros = deltas[0][0].new_zeros(self.out_features, self.in_features)
+        return scatter_delta(zeros, deltas)
+
+    def _adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        deltas = self._deltas(self.active_adapters)
+        base = self.get_base_layer()
+        if not deltas:
+            return self.base_layer(x, *args, **kwargs)
+        return sparse_delta_linear(x, base.weight, base.bias, deltas)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # a sparse delta is generally full-rank
+        return False

@@ -9,7 +9,7 @@ from torch import nn
 from .config import LoRSUConfig
 from .layer import HeadLoRALinear, LoRSULayer, SparseLinear
 from .selection import num_sparse_values, random_selection
-from .targets import QKV, Site, attention_blocks, find_sites
+from .targets import QKV, Site, as_linear, attention_blocks, find_sites
 
 
 class LoRSUModel(BaseTuner):
@@ -109,8 +109,7 @@ class LoRSUModel(BaseTuner):
             num_values = 0
             indices = None
             if config.adapt_mlp:
-                fc1 = parent.fc1.get_base_layer() if isinstance(parent.fc1, LoRSULayer) else parent.fc1
-                num_values = num_sparse_values(fc1.weight, config.sparsity)
+                num_values = num_sparse_values(as_linear(parent.fc1).weight, config.sparsity)
                 if config.fc1_indices is not None:
                     indices = config.fc1_indices[site.name]
             return {"num_values": num_values, "indices": indices, "train_bias": config.train_biases, "init": init}

@@ -23,9 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import LoRSUConfig
-from .layer import LoRSULayer
 from .selection import head_scores, num_sparse_values, random_selection, top_k_indices, top_s_entries
-from .targets import QKV, Site, attention_blocks, find_sites
+from .targets import QKV, Site, as_linear, attention_blocks, find_sites
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +40,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.get_base_model()
         else:
             return model
-
-
-def _weight(module: nn.Module) -> nn.Parameter:
-    return module.get_base_layer().weight if isinstance(module, LoRSULayer) else module.weight
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
@@ -185,7 +180,7 @@ def probe_lorsu(
     # Heads are scored on all of q, k and v even if target_modules keeps only some of them.
     names = [f"{block}.{role}_proj" for block in blocks for role in QKV] if config.adapt_attention else []
     names += [s.name for s in sites.values() if s.role == "fc1" and config.adapt_mlp]
-    tracked = {name: _weight(base.get_submodule(name)) for name in names}
+    tracked = {name: as_linear(base.get_submodule(name)).weight for name in names}
     if not tracked:
         return config
     loss_fn = loss_fn or default_loss
@@ -215,18 +210,19 @@ def _accumulate(
     show_progress: bool,
 ) -> tuple[dict[str, torch.Tensor], int, int]:
     """Run the probe's pass; return the mean gradients `{name: (d_out, d_in)}`, samples seen and batches used."""
-    sums = _GradientSums(tracked)
     num_samples = batches = 0
     total = num_batches if num_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
-    try:
-        with _probe_state(base, tracked.values()):
+    with _probe_state(base, tracked.values()):
+        sums = _GradientSums(tracked)  # hooks need requires_grad, which _probe_state has just set
+        try:
             for batch in tqdm(dataloader, total=total, desc="LoRSU probe", disable=not show_progress, unit="batch"):
                 batch_size = _batch_size(batch)
                 loss = loss_fn(model, _to_device(batch, device))
                 if not torch.isfinite(loss):
                     raise ValueError(f"probe_lorsu: the loss of batch {batches} is {loss.item()}")
                 sums.seen_in_batch.clear()
-                (loss * batch_size).backward()
+                if loss.requires_grad:
+                    (loss * batch_size).backward()
                 unreached = sorted(set(tracked) - sums.seen_in_batch)
                 if unreached:
                     raise ValueError(
@@ -241,8 +237,8 @@ def _accumulate(
                         break
                 elif num_samples >= min_samples and not sums.has_zero_entries():
                     break
-    finally:
-        sums.remove()
+        finally:
+            sums.remove()
     if batches == 0:
         raise ValueError("probe_lorsu: the dataloader yielded no batches")
     num_samples = _all_reduce(sums.sums, num_samples, device)
@@ -251,9 +247,9 @@ def _accumulate(
 
 def _choose(config: LoRSUConfig, sites: dict[str, Site], grads: dict[str, torch.Tensor]) -> None:
     """Write the top-k heads per layer, all head scores and the top-S fc1 entries into ``config``."""
-    for name, grad in grads.items():
-        if not torch.isfinite(grad).all():
-            raise ValueError(f"probe_lorsu: the accumulated gradient of {name} holds NaN or inf")
+    broken = sorted(name for name, grad in grads.items() if not torch.isfinite(grad).all())
+    if broken:
+        raise ValueError(f"probe_lorsu: the accumulated gradients of {broken} hold NaN or inf")
     if config.adapt_attention:
         selected, scores = {}, {}
         for block, (num_heads, _) in attention_blocks(sites).items():

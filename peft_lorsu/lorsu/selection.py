@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import LoRSUConfig
-from .targets import Site, attention_blocks
+from .targets import Site, as_linear, attention_blocks
 
 
 def num_sparse_values(weight: torch.Tensor, sparsity: float) -> int:
@@ -62,6 +62,6 @@ def random_selection(model: nn.Module, config: LoRSUConfig, sites: dict[str, Sit
         config.fc1_indices = {}
         for site in sites.values():
             if site.role == "fc1":
-                weight = model.get_submodule(site.name).weight
+                weight = as_linear(model.get_submodule(site.name)).weight
                 chosen = torch.randperm(weight.numel(), generator=generator)[: num_sparse_values(weight, config.sparsity)]
                 config.fc1_indices[site.name] = chosen.sort().values

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import LoRSUConfig
@@ -78,9 +79,16 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def as_linear(module: Optional[nn.Module]) -> Optional[nn.Linear]:
+    """``module`` if it is a linear, the linear it wraps if it is a PEFT tuner layer around one, else ``None``."""
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    return module if isinstance(module, nn.Linear) else None
+
+
 def is_attention_block(module: nn.Module) -> bool:
     return (
-        all(isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj"))
+        all(as_linear(getattr(module, p, None)) is not None for p in ("q_proj", "k_proj", "v_proj"))
         and isinstance(getattr(module, "num_heads", None), int)
         and isinstance(getattr(module, "head_dim", None), int)
     )
@@ -93,8 +101,7 @@ def _projection_site(model: nn.Module, tower_path: str, kind: str) -> Optional[S
         return None
     parent_path = tower_path.rpartition(".")[0]
     parent = model.get_submodule(parent_path)
-    proj = getattr(parent, PROJECTIONS[kind], None)
-    if not isinstance(proj, nn.Linear):
+    if as_linear(getattr(parent, PROJECTIONS[kind], None)) is None:
         return None
     name = _join(parent_path, PROJECTIONS[kind])
     return Site(name=name, role="projection", block=name, layer=None)
@@ -141,7 +148,7 @@ def find_sites(model: nn.Module, config: LoRSUConfig) -> dict[str, Site]:
                         sites[f"{path}.{role}_proj"] = Site(
                             f"{path}.{role}_proj", role, path, layer, module.num_heads, module.head_dim
                         )
-            if (config.adapt_mlp or config.train_biases) and isinstance(getattr(module, "fc1", None), nn.Linear):
+            if (config.adapt_mlp or config.train_biases) and as_linear(getattr(module, "fc1", None)) is not None:
                 sites[f"{path}.fc1"] = Site(f"{path}.fc1", "fc1", f"{path}.fc1", layer)
         if layers is not None and not layers <= seen_layers:
             raise ValueError(

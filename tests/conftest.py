@@ -14,13 +14,34 @@ from transformers import CLIPConfig, CLIPModel  # noqa: E402
 VOCAB = 99
 
 
-def tiny_clip_config(width: int = 32, layers: int = 2, heads: int = 4, image_size: int = 16, text_width: int = 32,
-                     projection_dim: int = 16) -> CLIPConfig:
+def tiny_clip_config(
+    width: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    image_size: int = 16,
+    text_width: int = 32,
+    projection_dim: int = 16,
+) -> CLIPConfig:
     """A CLIP config small enough for a unit test: vision `width` x `layers`, `heads` heads, 4 image patches."""
-    text = dict(hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2, num_attention_heads=4,
-                vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    vision = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                  image_size=image_size, patch_size=image_size // 2)
+    text = dict(
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    vision = dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=image_size // 2,
+    )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
 
@@ -36,8 +57,9 @@ def clip_batches(n: int = 3, batch_size: int = 4, image_size: int = 16, seq_len:
     for _ in range(n):
         ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=g)
         ids[:, 0], ids[:, -1] = 0, 2
-        batches.append({"pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g),
-                        "input_ids": ids})
+        batches.append(
+            {"pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g), "input_ids": ids}
+        )
     return batches
 
 

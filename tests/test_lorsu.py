@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import clip_batches, tiny_clip, tiny_clip_config
+from conftest import clip_batches, tiny_clip
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -62,22 +62,57 @@ def test_count_matches_closed_form(batches, kwargs):
     config = probed(model, batches, **kwargs)
     peft_model = get_peft_model(model, config)
     trainable, _ = peft_model.get_nb_trainable_parameters()
-    expected = closed_form_count(L=2, d=32, H=4, m=64, o=16, r=kwargs["r"], k=kwargs["top_k_heads"],
-                                 p=kwargs["sparsity"])
+    expected = closed_form_count(
+        L=2, d=32, H=4, m=64, o=16, r=kwargs["r"], k=kwargs["top_k_heads"], p=kwargs["sparsity"]
+    )
     assert trainable == expected
     assert peft_model.base_model.trainable_parameter_count() == expected
 
 
-def test_count_vit_b16_reference_figure():
-    """ViT-B/16-shaped encoder, r=64, k=2, p=0.1, extras on: the reference's 3,862,316 (built on the meta device)."""
-    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                              image_size=224, patch_size=16, projection_dim=512)
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        (
+            dict(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                patch_size=16,
+                image_size=224,
+                projection_dim=512,
+            ),
+            3_862_316,
+        ),
+        (
+            dict(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                patch_size=14,
+                image_size=336,
+                projection_dim=768,
+            ),
+            12_515_728,
+        ),
+    ],
+    ids=["ViT-B/16", "ViT-L/14"],
+)
+def test_count_reference_figures(shape, expected):
+    """r=64, k=2, p=0.1, extras on: the reference's figures (built on the meta device)."""
     with torch.device("meta"):
-        model = CLIPVisionModelWithProjection(vision)
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**shape))
     config = LoRSUConfig(r=64, lora_alpha=64, top_k_heads=2, sparsity=0.1, selection="random")
     peft_model = get_peft_model(model, config)
-    assert peft_model.get_nb_trainable_parameters()[0] == 3_862_316
-    assert closed_form_count(12, 768, 12, 3072, 512, 64, 2, 0.1) == 3_862_316
+    assert peft_model.get_nb_trainable_parameters()[0] == expected
+    L, d, H, o = (
+        shape["num_hidden_layers"],
+        shape["hidden_size"],
+        shape["num_attention_heads"],
+        shape["projection_dim"],
+    )
+    assert closed_form_count(L, d, H, 4 * d, o, 64, 2, 0.1) == expected
 
 
 def test_separate_factors_and_parts_off(batches):
@@ -224,8 +259,9 @@ def test_merge_unmerge_and_unload(batches):
     assert not any(isinstance(m, peft_lorsu.LoRSULayer) for m in merged.modules())
     torch.testing.assert_close(logits(merged, batches[0]), adapted, atol=1e-5, rtol=1e-5)
 
-    unloaded = get_peft_model(copy.deepcopy(reference), probed(copy.deepcopy(reference), batches,
-                                                                init_weights=False)).unload()
+    unloaded = get_peft_model(
+        copy.deepcopy(reference), probed(copy.deepcopy(reference), batches, init_weights=False)
+    ).unload()
     assert torch.equal(logits(unloaded, batches[0]), logits(reference, batches[0]))
 
 
@@ -234,8 +270,11 @@ def test_multiple_adapters(batches):
     reference = copy.deepcopy(model)
     first = probed(model, batches, init_weights=False)
     peft_model = get_peft_model(model, first)
-    second = probe_lorsu(model, LoRSUConfig(r=2, top_k_heads=1, sparsity=0.2, init_weights=False, selection="random",
-                                            seed=3), show_progress=False)
+    second = probe_lorsu(
+        model,
+        LoRSUConfig(r=2, top_k_heads=1, sparsity=0.2, init_weights=False, selection="random", seed=3),
+        show_progress=False,
+    )
     peft_model.add_adapter("other", second)
     out_default = logits(peft_model, batches[0])
     peft_model.set_adapter("other")
@@ -272,8 +311,7 @@ def test_text_tower_on_request(batches):
     assert all(k.startswith("text_model.") for k in config.selected_heads)
     peft_model = get_peft_model(model, config)
     assert isinstance(peft_model.base_model.model.text_model.encoder.layers[0].self_attn.q_proj, HeadLoRALinear)
-    assert not isinstance(peft_model.base_model.model.vision_model.encoder.layers[0].self_attn.q_proj,
-                          HeadLoRALinear)
+    assert not isinstance(peft_model.base_model.model.vision_model.encoder.layers[0].self_attn.q_proj, HeadLoRALinear)
 
 
 def test_layers_to_transform(batches):

@@ -96,5 +96,8 @@ def test_target_modules_filter():
     config = LoRSUConfig(r=2, selection="random", target_modules=["q_proj", "fc1"], adapt_projection=False)
     peft_model = get_peft_model(model, config)
     assert sorted(n.rsplit(".", 1)[-1] for n in peft_model.base_model.targeted_module_names) == [
-        "fc1", "fc1", "q_proj", "q_proj"
+        "fc1",
+        "fc1",
+        "q_proj",
+        "q_proj",
     ]

@@ -25,7 +25,9 @@ def planted_loss(model, batch):
         rows = list(range(head * 8, head * 8 + 8))
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             hooks.append(proj.register_forward_hook(lambda m, a, out, r=rows: captured.append(out[..., r])))
-        hooks.append(layer.mlp.fc1.register_forward_hook(lambda m, a, out, r=list(fc1_rows): captured.append(out[..., r])))
+        hooks.append(
+            layer.mlp.fc1.register_forward_hook(lambda m, a, out, r=list(fc1_rows): captured.append(out[..., r]))
+        )
     try:
         loss = model(**batch, return_loss=True).loss
     finally:
@@ -36,8 +38,13 @@ def planted_loss(model, batch):
 
 def test_probe_finds_planted_heads_and_fc1_entries():
     model = tiny_clip()
-    config = probe_lorsu(model, LoRSUConfig(r=4, top_k_heads=1, sparsity=0.05), clip_batches(),
-                         loss_fn=planted_loss, show_progress=False)
+    config = probe_lorsu(
+        model,
+        LoRSUConfig(r=4, top_k_heads=1, sparsity=0.05),
+        clip_batches(),
+        loss_fn=planted_loss,
+        show_progress=False,
+    )
     for i, (head, fc1_rows) in PLANTED.items():
         assert config.selected_heads[f"vision_model.encoder.layers.{i}.self_attn"] == [head]
         scores = config.head_scores[f"vision_model.encoder.layers.{i}.self_attn"]
@@ -83,8 +90,9 @@ def test_probe_uses_mean_gradient_and_stops_after_enough_samples():
     probe_lorsu(model, LoRSUConfig(r=2, probe_samples=4), batches, loss_fn=counting_loss, show_progress=False)
     assert counted == [2, 2]
     counted.clear()
-    probe_lorsu(model, LoRSUConfig(r=2, probe_samples=4), batches, loss_fn=counting_loss, num_batches=5,
-                show_progress=False)
+    probe_lorsu(
+        model, LoRSUConfig(r=2, probe_samples=4), batches, loss_fn=counting_loss, num_batches=5, show_progress=False
+    )
     assert len(counted) == 5
 
 
@@ -92,8 +100,13 @@ def test_probe_on_bare_vision_model():
     torch.manual_seed(0)
     model = CLIPVisionModel(tiny_clip_config().vision_config)
     batches = [{"pixel_values": b["pixel_values"]} for b in clip_batches()]
-    config = probe_lorsu(model, LoRSUConfig(r=2, top_k_heads=2), batches,
-                         loss_fn=lambda m, b: m(**b).pooler_output.pow(2).mean(), show_progress=False)
+    config = probe_lorsu(
+        model,
+        LoRSUConfig(r=2, top_k_heads=2),
+        batches,
+        loss_fn=lambda m, b: m(**b).pooler_output.pow(2).mean(),
+        show_progress=False,
+    )
     assert set(config.selected_heads) == {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn"}
     assert set(config.fc1_indices) == {"encoder.layers.0.mlp.fc1", "encoder.layers.1.mlp.fc1"}
 
@@ -131,9 +144,13 @@ def test_probe_errors_and_restores_state_on_failure():
     with pytest.raises(ValueError, match="needs a dataloader"):
         probe_lorsu(model, LoRSUConfig())
     with pytest.raises(ValueError, match="no gradient path"):
-        probe_lorsu(model, LoRSUConfig(), clip_batches(),
-                    loss_fn=lambda m, b: m.get_text_features(input_ids=b["input_ids"]).pooler_output.sum(),
-                    show_progress=False)
+        probe_lorsu(
+            model,
+            LoRSUConfig(),
+            clip_batches(),
+            loss_fn=lambda m, b: m.get_text_features(input_ids=b["input_ids"]).pooler_output.sum(),
+            show_progress=False,
+        )
 
     def nan_loss(m, b):
         return m(**b, return_loss=True).loss * torch.tensor(float("nan"))
@@ -144,6 +161,7 @@ def test_probe_errors_and_restores_state_on_failure():
     def inf_grad_loss(m, b):
         # finite loss, but the gradient reaching layer 1's fc1 output is scaled to inf
         fc1 = m.vision_model.encoder.layers[1].mlp.fc1
+
         def scale_grad(module, args, out):
             out.register_hook(lambda g: g * float("inf"))
 
@@ -160,5 +178,9 @@ def test_probe_errors_and_restores_state_on_failure():
     with pytest.raises(ValueError, match="top_k_heads=5 exceeds the 4 heads"):
         probe_lorsu(model, LoRSUConfig(top_k_heads=5), clip_batches(), show_progress=False)
     with pytest.raises(ValueError, match="no loss"):
-        probe_lorsu(CLIPVisionModel(tiny_clip_config().vision_config), LoRSUConfig(),
-                    [{"pixel_values": torch.randn(2, 3, 16, 16)}], show_progress=False)
+        probe_lorsu(
+            CLIPVisionModel(tiny_clip_config().vision_config),
+            LoRSUConfig(),
+            [{"pixel_values": torch.randn(2, 3, 16, 16)}],
+            show_progress=False,
+        )

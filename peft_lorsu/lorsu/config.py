@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -87,10 +87,10 @@ class LoRSUConfig(PeftConfig):
     tower: Literal["vision", "text", "both"] = field(
         default="vision", metadata={"help": "Encoder(s) to adapt: 'vision', 'text' or 'both'."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Encoder layer indices to adapt (default: all)."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Optional regex / name list restricting the detected modules."}
     )
     adapt_attention: bool = field(default=True, metadata={"help": "Head-masked low-rank update of q/k/v."})
@@ -98,7 +98,7 @@ class LoRSUConfig(PeftConfig):
     adapt_projection: bool = field(default=True, metadata={"help": "Low-rank update of the output projection."})
     train_biases: bool = field(default=True, metadata={"help": "Dense bias deltas for q, k, v and fc1."})
     share_qkv_factor: bool = field(default=True, metadata={"help": "One input-side factor shared by q, k, v."})
-    init_weights: Union[bool, Literal["lorsu", "lora"]] = field(
+    init_weights: bool | Literal["lorsu", "lora"] = field(
         default=True, metadata={"help": "'lorsu', 'lora', True (method default) or False (random, for tests)."}
     )
     selection: Literal["gradient", "random"] = field(
@@ -106,13 +106,13 @@ class LoRSUConfig(PeftConfig):
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random selection."})
     probe_samples: int = field(default=1000, metadata={"help": "Minimum samples the probe accumulates."})
-    selected_heads: Optional[dict[str, list[int]]] = field(
+    selected_heads: dict[str, list[int]] | None = field(
         default=None, metadata={"help": "Probe result: attention module name -> chosen heads."}
     )
-    head_scores: Optional[dict[str, list[float]]] = field(
+    head_scores: dict[str, list[float]] | None = field(
         default=None, metadata={"help": "Probe result: attention module name -> score of every head."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
     )
 
@@ -121,7 +121,7 @@ class LoRSUConfig(PeftConfig):
         self.peft_type = add_peft_type("LORSU")
         # fc1 indices are tensors (S per layer): too large for JSON, so they travel in memory from the probe to
         # get_peft_model and are saved as buffers in adapter_model.safetensors.
-        self.fc1_indices: Optional[dict] = getattr(self, "fc1_indices", None)
+        self.fc1_indices: dict | None = getattr(self, "fc1_indices", None)
         self._validate()
 
     def _validate(self) -> None:
@@ -156,7 +156,10 @@ class LoRSUConfig(PeftConfig):
         check(
             self.target_modules is None
             or isinstance(self.target_modules, str)
-            or (isinstance(self.target_modules, (list, tuple, set)) and all(isinstance(t, str) for t in self.target_modules)),
+            or (
+                isinstance(self.target_modules, (list, tuple, set))
+                and all(isinstance(t, str) for t in self.target_modules)
+            ),
             "target_modules",
             "None, a regex string or a list of module names",
         )
@@ -185,7 +188,7 @@ class LoRSUConfig(PeftConfig):
             )
 
     @property
-    def resolved_init(self) -> Union[bool, str]:
+    def resolved_init(self) -> bool | str:
         """The init scheme after resolving ``True`` to the variant's default."""
         if self.init_weights is True:
             return "lorsu" if self.share_qkv_factor else "lora"

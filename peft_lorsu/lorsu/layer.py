@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +62,10 @@ class LoRSULayer(BaseTunerLayer):
                 result = result + self.lorsu_bias[adapter].to(result.dtype)
         return result
 
-    def get_delta_weight(self, adapter: str) -> Optional[torch.Tensor]:
+    def get_delta_weight(self, adapter: str) -> torch.Tensor | None:
         raise NotImplementedError
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the deltas of ``adapter_names`` (default: active adapters) to the base weight and bias.
 
         Args:
@@ -95,7 +94,7 @@ class LoRSULayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Subtract every merged adapter's deltas again, newest first."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:
@@ -130,7 +129,6 @@ class LoRSULinear(nn.Module, LoRSULayer):
         return "lorsu." + super().__repr__()
 
 
-
 class HeadLoRALinear(LoRSULinear):
     """Low-rank update confined to the output rows of selected attention heads (all rows for a projection).
 
@@ -149,7 +147,7 @@ class HeadLoRALinear(LoRSULinear):
         self.lorsu_dropout = nn.ModuleDict({})
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        self.heads: dict[str, Optional[list[int]]] = {}
+        self.heads: dict[str, list[int] | None] = {}
         # adapter -> layer holding V (self, or the sibling projection that owns the shared factor). A plain dict, so
         # the owner is not registered as a submodule twice.
         self.factor_owner: dict[str, HeadLoRALinear] = {}
@@ -162,12 +160,12 @@ class HeadLoRALinear(LoRSULinear):
         r: int,
         lora_alpha: float,
         lora_dropout: float = 0.0,
-        heads: Optional[list[int]] = None,
+        heads: list[int] | None = None,
         head_dim: int = 0,
         low_rank: bool = True,
         train_bias: bool = False,
         init: str | bool = "lorsu",
-        factor_owner: Optional[HeadLoRALinear] = None,
+        factor_owner: HeadLoRALinear | None = None,
         inference_mode: bool = False,
     ) -> None:
         """Add adapter ``adapter_name``.
@@ -187,7 +185,8 @@ class HeadLoRALinear(LoRSULinear):
             else:
                 if head_dim * (max(heads) + 1) > self.out_features or min(heads) < 0:
                     raise ValueError(
-                        f"heads {heads} with head_dim {head_dim} exceed the {self.out_features} rows of {self.base_layer}"
+                        f"heads {heads} with head_dim {head_dim} exceed the {self.out_features} rows of "
+                        f"{self.base_layer}"
                     )
                 rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
                 self.lorsu_rows[adapter_name] = rows
@@ -200,7 +199,9 @@ class HeadLoRALinear(LoRSULinear):
             if owner is self:
                 self.lorsu_V[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
             elif owner.lorsu_V[adapter_name].shape != (r, self.in_features):
-                raise ValueError(f"shared factor of {adapter_name} has shape {tuple(owner.lorsu_V[adapter_name].shape)}")
+                raise ValueError(
+                    f"shared factor of {adapter_name} has shape {tuple(owner.lorsu_V[adapter_name].shape)}"
+                )
             self.lorsu_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
             self.reset_lorsu_parameters(adapter_name, init)
         self._update_bias(adapter_name, train_bias, random_init=init is False)
@@ -227,8 +228,8 @@ class HeadLoRALinear(LoRSULinear):
         """The input-side factor ``V`` `(r, d_in)` this layer uses for ``adapter`` (its own or the shared one)."""
         return self.factor_owner[adapter].lorsu_V[adapter]
 
-    def get_delta_weight(self, adapter: str) -> Optional[torch.Tensor]:
-        """Dense `(d_out, d_in)` delta of ``adapter`` in the adapter's dtype, or ``None`` if it has no low-rank part."""
+    def get_delta_weight(self, adapter: str) -> torch.Tensor | None:
+        """Dense `(d_out, d_in)` delta of ``adapter`` (adapter dtype), or ``None`` if it has no low-rank part."""
         if adapter not in self.lorsu_U:
             return None
         block = (self.lorsu_U[adapter] @ self.factor(adapter)) * self.scaling[adapter]
@@ -278,7 +279,7 @@ class SparseLinear(LoRSULinear):
         self,
         adapter_name: str,
         num_values: int = 0,
-        indices: Optional[torch.Tensor] = None,
+        indices: torch.Tensor | None = None,
         train_bias: bool = False,
         init: str | bool = "lorsu",
         inference_mode: bool = False,
@@ -309,7 +310,8 @@ class SparseLinear(LoRSULinear):
         numel = self.in_features * self.out_features
         if indices.dtype not in (torch.int32, torch.int64) or indices.shape != (num_values,):
             raise ValueError(
-                f"fc1 indices must be an int64 tensor of shape ({num_values},), got {indices.dtype} {tuple(indices.shape)}"
+                f"fc1 indices must be an int64 tensor of shape ({num_values},), got {indices.dtype} "
+                f"{tuple(indices.shape)}"
             )
         if num_values and (int(indices.min()) < 0 or int(indices.max()) >= numel):
             raise ValueError(f"fc1 indices must lie in [0, {numel}), got [{int(indices.min())}, {int(indices.max())}]")
@@ -332,7 +334,7 @@ class SparseLinear(LoRSULinear):
             )
         return [(self.lorsu_values[a], self.lorsu_indices[a]) for a in adapters if a in self.lorsu_values]
 
-    def get_delta_weight(self, adapter: str) -> Optional[torch.Tensor]:
+    def get_delta_weight(self, adapter: str) -> torch.Tensor | None:
         """Dense `(m, d)` delta of ``adapter`` in the adapter's dtype, or ``None`` if it has no sparse part."""
         deltas = self._deltas([adapter])
         if not deltas:

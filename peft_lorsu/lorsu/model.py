@@ -66,7 +66,9 @@ class LoRSUModel(BaseTuner):
                 )
             missing = sorted(set(blocks) - set(config.selected_heads))
             if missing:
-                raise ValueError(f"LoRSUConfig.selected_heads has no entry for {missing[:3]}{'...' * (len(missing) > 3)}")
+                raise ValueError(
+                    f"LoRSUConfig.selected_heads has no entry for {missing[:3]}{'...' * (len(missing) > 3)}"
+                )
             for block, heads in config.selected_heads.items():
                 if block in blocks and not all(0 <= h < blocks[block][0] for h in heads):
                     raise ValueError(

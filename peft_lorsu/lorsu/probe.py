@@ -16,7 +16,7 @@ import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,20 +56,21 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
 def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     """The model's own loss: ``model(**batch, return_loss=True).loss`` (CLIP's contrastive loss for CLIPModel)."""
     kwargs = dict(batch)
-    if "return_loss" in inspect.signature(model.forward).parameters:
+    if "return_loss" in inspect.signature(unwrap_model(model).forward).parameters:
         kwargs.setdefault("return_loss", True)
     out = model(**kwargs)
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise ValueError(
-            f"probe_lorsu: {type(model).__name__} returned no loss for this batch; pass loss_fn(model, batch) -> scalar"
+            f"{type(unwrap_model(model)).__name__} returned no loss for this batch; "
+            "pass loss_fn(model, batch) -> scalar"
         )
     return loss
 
 
 @contextmanager
 def _probe_state(model: nn.Module, tracked: Iterable[nn.Parameter]):
-    """Let only ``tracked`` require grad, in eval mode, and restore grads, flags and modes afterwards, even on error."""
+    """Let only ``tracked`` require grad, in eval mode; restore grads, flags and modes afterwards, even on error."""
     params = list(model.parameters())
     requires_grad = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
@@ -136,9 +137,9 @@ def _all_reduce(sums: dict[str, torch.Tensor], num_samples: int, device: torch.d
 def probe_lorsu(
     model: nn.Module,
     config: LoRSUConfig,
-    dataloader: Optional[Iterable[Mapping[str, Any]]] = None,
-    loss_fn: Optional[LossFn] = None,
-    num_batches: Optional[int] = None,
+    dataloader: Iterable[Mapping[str, Any]] | None = None,
+    loss_fn: LossFn | None = None,
+    num_batches: int | None = None,
     show_progress: bool = True,
 ) -> LoRSUConfig:
     """Choose LoRSU's heads and fc1 entries from gradients and record them in ``config`` (returned).
@@ -204,7 +205,7 @@ def _accumulate(
     tracked: dict[str, nn.Parameter],
     dataloader: Iterable[Mapping[str, Any]],
     loss_fn: LossFn,
-    num_batches: Optional[int],
+    num_batches: int | None,
     min_samples: int,
     device: torch.device,
     show_progress: bool,

@@ -63,5 +63,7 @@ def random_selection(model: nn.Module, config: LoRSUConfig, sites: dict[str, Sit
         for site in sites.values():
             if site.role == "fc1":
                 weight = as_linear(model.get_submodule(site.name)).weight
-                chosen = torch.randperm(weight.numel(), generator=generator)[: num_sparse_values(weight, config.sparsity)]
+                chosen = torch.randperm(weight.numel(), generator=generator)[
+                    : num_sparse_values(weight, config.sparsity)
+                ]
                 config.fc1_indices[site.name] = chosen.sort().values

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -47,7 +47,7 @@ class Site:
     name: str
     role: Role
     block: str
-    layer: Optional[int]
+    layer: int | None
     num_heads: int = 0
     head_dim: int = 0
 
@@ -79,7 +79,7 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def as_linear(module: Optional[nn.Module]) -> Optional[nn.Linear]:
+def as_linear(module: nn.Module | None) -> nn.Linear | None:
     """``module`` if it is a linear, the linear it wraps if it is a PEFT tuner layer around one, else ``None``."""
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
@@ -94,7 +94,7 @@ def is_attention_block(module: nn.Module) -> bool:
     )
 
 
-def _projection_site(model: nn.Module, tower_path: str, kind: str) -> Optional[Site]:
+def _projection_site(model: nn.Module, tower_path: str, kind: str) -> Site | None:
     # The projection is a sibling of the tower: `visual_projection` next to `vision_model` in CLIPModel.
     # A bare CLIPVisionModel (tower at the root) has no projection; CLIPVisionModelWithProjection holds it.
     if not tower_path:

@@ -341,3 +341,32 @@ def test_registration_is_idempotent(tmp_path, batches):
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(tmp_path)
     assert PeftConfig.from_pretrained(tmp_path).peft_type == "LORSU"
+
+
+def test_load_refuses_mismatched_selection(tmp_path, batches):
+    """Weights and config that do not belong together (edited JSON, out-of-range indices) are refused on load."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = tiny_clip()
+    reference = copy.deepcopy(model)
+    config = probed(model, batches)
+    get_peft_model(model, config).save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    original = json.loads(config_path.read_text())
+
+    edited = copy.deepcopy(original)
+    block = "vision_model.encoder.layers.0.self_attn"
+    edited["selected_heads"][block] = [h for h in range(4) if h not in original["selected_heads"][block]][:2]
+    config_path.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="disagree with the selected_heads"):
+        PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path)
+
+    config_path.write_text(json.dumps(original))
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("fc1.lorsu_indices"))
+    weights[key] = weights[key] + 64 * 32
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"lorsu_indices\['default'\] .* values must lie in \[0, 2048\)"):
+        PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path)

@@ -8,7 +8,8 @@ only the rows of the selected heads, so ``U`` has ``k * d_h`` rows per projectio
 - ``lorsu_U``: `(k * d_h, r)`, output-side factor, rows of the selected heads only (`(d_out, r)` for the projection).
 - ``lorsu_V``: `(r, d)`, input-side factor; with ``share_qkv_factor`` it lives on one projection of the block (the
   *owner*) and the two others read it, so q, k and v share it as in the paper.
-- ``lorsu_rows``: `(k * d_h,)` int64, the output rows the update writes to (absent for the projection: all rows).
+- ``lorsu_rows``: `(k * d_h,)` int64, the output rows the update writes to (absent for the projection: all rows);
+  saved with the adapter and checked on load against the config's ``selected_heads``.
 - ``lorsu_values`` / ``lorsu_indices``: `(S,)` values and int64 flat indices into fc1's `(m, d)` weight.
 - ``lorsu_bias``: `(d_out,)` dense bias delta (``train_biases``).
 """
@@ -45,6 +46,21 @@ class LoRSULayer(BaseTunerLayer):
         if not isinstance(self.get_base_layer(), nn.Linear):
             raise TypeError(f"LoRSU wraps torch.nn.Linear layers, got {type(self.get_base_layer()).__name__}")
         self.kwargs = kwargs
+
+    def _check_index_buffer(self, name: str, adapter: str, loaded: torch.Tensor, upper: int) -> torch.Tensor:
+        """Validate an int64 index buffer that a saved adapter brings: same shape as built, values in [0, upper)."""
+        current = getattr(self, name)[adapter]
+        if loaded.dtype not in (torch.int32, torch.int64) or loaded.shape != current.shape:
+            raise ValueError(
+                f"{name}[{adapter!r}] of {self.base_layer}: expected an int64 tensor of shape {tuple(current.shape)}, "
+                f"the adapter holds {loaded.dtype} {tuple(loaded.shape)}"
+            )
+        if loaded.numel() and (int(loaded.min()) < 0 or int(loaded.max()) >= upper):
+            raise ValueError(
+                f"{name}[{adapter!r}] of {self.base_layer}: values must lie in [0, {upper}), "
+                f"the adapter holds [{int(loaded.min())}, {int(loaded.max())}]"
+            )
+        return loaded.long()
 
     def _update_bias(self, adapter_name: str, train_bias: bool, random_init: bool) -> None:
         if not train_bias:
@@ -143,7 +159,8 @@ class HeadLoRALinear(LoRSULinear):
         super().__init__(base_layer)
         self.lorsu_U = nn.ParameterDict({})
         self.lorsu_V = nn.ParameterDict({})
-        self.lorsu_rows = BufferDict({}, persistent=False)
+        # persistent: a saved adapter is self-contained, and a load is checked against the config's heads
+        self.lorsu_rows = BufferDict({}, persistent=True)
         self.lorsu_dropout = nn.ModuleDict({})
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
@@ -152,6 +169,7 @@ class HeadLoRALinear(LoRSULinear):
         # the owner is not registered as a submodule twice.
         self.factor_owner: dict[str, HeadLoRALinear] = {}
         self._active_adapter = adapter_name
+        self._register_load_state_dict_pre_hook(self._check_loaded_rows)
         self.update_layer(adapter_name, **kwargs)
 
     def update_layer(
@@ -207,6 +225,18 @@ class HeadLoRALinear(LoRSULinear):
         self._update_bias(adapter_name, train_bias, random_init=init is False)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _check_loaded_rows(self, state_dict, prefix, *args) -> None:
+        # The rows are derived from the config's selected_heads; a saved adapter must agree with its own config.
+        for adapter in list(self.lorsu_rows.keys()):
+            key = f"{prefix}lorsu_rows.{adapter}"
+            if key in state_dict:
+                loaded = self._check_index_buffer("lorsu_rows", adapter, state_dict[key], self.out_features)
+                if not torch.equal(loaded.cpu(), self.lorsu_rows[adapter].cpu()):
+                    raise ValueError(
+                        f"lorsu_rows[{adapter!r}] of {self.base_layer} disagree with the selected_heads "
+                        f"{self.heads[adapter]} of the adapter config: weights and config do not belong together"
+                    )
 
     def reset_lorsu_parameters(self, adapter_name: str, init: str | bool) -> None:
         U = self.lorsu_U[adapter_name]
@@ -272,7 +302,7 @@ class SparseLinear(LoRSULinear):
         self.lorsu_indices = BufferDict({}, persistent=True)
         self.indices_pending: dict[str, bool] = {}
         self._active_adapter = adapter_name
-        self._register_load_state_dict_pre_hook(self._check_loaded_indices, with_module=False)
+        self._register_load_state_dict_pre_hook(self._check_loaded_indices)
         self.update_layer(adapter_name, **kwargs)
 
     def update_layer(
@@ -322,7 +352,8 @@ class SparseLinear(LoRSULinear):
         for adapter in list(self.lorsu_indices.keys()):
             key = f"{prefix}lorsu_indices.{adapter}"
             if key in state_dict:
-                self._validated_indices(state_dict[key], self.lorsu_values[adapter].numel())
+                numel = self.in_features * self.out_features
+                self._check_index_buffer("lorsu_indices", adapter, state_dict[key], numel)
                 self.indices_pending.pop(adapter, None)
 
     def _deltas(self, adapters: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -21,18 +21,23 @@ def tiny_clip_config(
     image_size: int = 16,
     text_width: int = 32,
     projection_dim: int = 16,
+    real_vocab: bool = False,
 ) -> CLIPConfig:
-    """A CLIP config small enough for a unit test: vision `width` x `layers`, `heads` heads, 4 image patches."""
+    """A CLIP config small enough for a unit test: vision `width` x `layers`, `heads` heads, 4 image patches.
+
+    ``real_vocab`` sizes the text tower for the real CLIP BPE tokenizer (:func:`clip_tokenizer`).
+    """
+    if real_vocab:
+        ids = dict(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    else:
+        ids = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=2, pad_token_id=1)
     text = dict(
         hidden_size=text_width,
         intermediate_size=2 * text_width,
         num_hidden_layers=2,
         num_attention_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=16,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
+        max_position_embeddings=32 if real_vocab else 16,
+        **ids,
     )
     vision = dict(
         hidden_size=width,
@@ -61,6 +66,15 @@ def clip_batches(n: int = 3, batch_size: int = 4, image_size: int = 16, seq_len:
             {"pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g), "input_ids": ids}
         )
     return batches
+
+
+def clip_tokenizer():
+    """The real CLIP BPE tokenizer shipped in the package assets."""
+    from transformers import CLIPTokenizer
+
+    from peft_lorsu import __file__ as package_file
+
+    return CLIPTokenizer.from_pretrained(os.path.join(os.path.dirname(package_file), "assets", "clip-tokenizer"))
 
 
 @pytest.fixture

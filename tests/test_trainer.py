@@ -1,0 +1,150 @@
+"""LoRSU through transformers' Trainer: both losses, resume, gradient checkpointing, bf16 autocast."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import clip_batches, clip_tokenizer, tiny_clip
+from transformers import Trainer, TrainingArguments
+
+from peft_lorsu import LoRSUConfig
+from peft_lorsu.trainer import (
+    ClassPromptCollator,
+    ImageTextCollator,
+    class_prompt_loss,
+    get_lorsu_model,
+    probe_on_dataset,
+)
+
+CLASSES = ["cat", "dog", "car", "tree"]
+
+
+def paired_dataset(n: int = 8) -> list[dict]:
+    samples = []
+    for batch in clip_batches(n=n // 4, batch_size=4):
+        for i in range(4):
+            samples.append({"pixel_values": batch["pixel_values"][i], "input_ids": batch["input_ids"][i]})
+    return samples
+
+
+def labelled_dataset(n: int = 8) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    return [{"pixel_values": torch.randn(3, 16, 16, generator=g), "label": i % len(CLASSES)} for i in range(n)]
+
+
+def args(tmp_path, **kwargs) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**defaults, **kwargs})
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lorsu_" in n}
+
+
+def contrastive_run(tmp_path, **arg_kwargs):
+    model = tiny_clip()
+    collator = ImageTextCollator()
+    peft_model = get_lorsu_model(
+        model, LoRSUConfig(r=4, top_k_heads=2), paired_dataset(), collator, batch_size=4, show_progress=False
+    )
+    trainer = Trainer(
+        model=peft_model,
+        args=args(tmp_path, label_names=[], **arg_kwargs),
+        train_dataset=paired_dataset(),
+        data_collator=collator,
+    )
+    return peft_model, trainer
+
+
+def test_contrastive_loss_through_trainer(tmp_path):
+    peft_model, trainer = contrastive_run(tmp_path)
+    before = adapter_state(peft_model)
+    frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    after = adapter_state(peft_model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.equal(p, frozen[n]) for n, p in peft_model.named_parameters() if n in frozen)
+
+
+def test_class_prompt_loss_through_trainer(tmp_path):
+    tokenizer = clip_tokenizer()
+    model = tiny_clip(real_vocab=True)
+    collator = ClassPromptCollator(tokenizer, CLASSES)
+    batch = collator(labelled_dataset(4))
+    assert batch["input_ids"].shape[0] == len(CLASSES) and batch["labels"].tolist() == [0, 1, 2, 3]
+    config = probe_on_dataset(model, LoRSUConfig(r=4), labelled_dataset(), collator, batch_size=4, show_progress=False)
+    assert set(config.selected_heads) == {f"vision_model.encoder.layers.{i}.self_attn" for i in range(2)}
+    peft_model = get_lorsu_model(model, config, labelled_dataset(), collator)
+    trainer = Trainer(
+        model=peft_model,
+        args=args(tmp_path, remove_unused_columns=False, max_steps=6),
+        train_dataset=labelled_dataset(),
+        data_collator=collator,
+        compute_loss_func=class_prompt_loss,
+    )
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        loss_before = class_prompt_loss(peft_model(**inputs), batch["labels"]).item()
+    trainer.train()
+    with torch.no_grad():
+        loss_after = class_prompt_loss(peft_model(**inputs), batch["labels"]).item()
+    assert loss_after < loss_before
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    full_model, full_trainer = contrastive_run(tmp_path / "full", save_strategy="steps", save_steps=2)
+    full_trainer.train()
+    expected = adapter_state(full_model)
+
+    resumed_model, resumed_trainer = contrastive_run(tmp_path / "resumed")
+    assert resumed_model.peft_config["default"].selected_heads == full_model.peft_config["default"].selected_heads
+    resumed_trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    got = adapter_state(resumed_model)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain_model, plain = contrastive_run(tmp_path / "plain")
+    plain.train()
+    ckpt_model, ckpt = contrastive_run(tmp_path / "ckpt", gradient_checkpointing=True)
+    ckpt.train()
+    assert ckpt_model.base_model.model.vision_model.encoder.gradient_checkpointing
+    a, b = adapter_state(plain_model), adapter_state(ckpt_model)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    peft_model, trainer = contrastive_run(tmp_path, bf16=True)
+    before = adapter_state(peft_model)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    after = adapter_state(peft_model)
+    assert all(t.dtype == torch.float32 for t in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_collator_errors():
+    with pytest.raises(ValueError, match="pass a tokenizer"):
+        ImageTextCollator()([{"pixel_values": torch.zeros(3, 4, 4), "caption": "a cat"}])
+    with pytest.raises(ValueError, match="pass an image_processor"):
+        ImageTextCollator()([{"image": object(), "input_ids": [1, 2]}])
+    sample = copy.deepcopy(paired_dataset(4)[0])
+    batch = ImageTextCollator()([sample])
+    assert batch["return_loss"] is True and batch["attention_mask"].shape == batch["input_ids"].shape

@@ -1,0 +1,374 @@
+"""Continual few-shot sessions (the LoRSU paper's CL-T setting), for LoRSU and the baselines it is compared with.
+
+The target data is split into T sessions (disjoint classes by default, ``shots`` images per class each). Every
+session adapts the current model on that session's images only, then folds the update into the encoder (or keeps
+one adapter per session), and evaluates on the target test set and on control sets. The result is an accuracy matrix
+(rows: zero-shot, then each session; columns: target and controls), the target improvement
+``TI = acc_target(final) - acc_target(zero-shot)`` and the control change
+``CC = mean_c acc_c(final) - acc_c(zero-shot)``.
+
+Methods are chosen by name (:data:`METHODS`) so that every one sees the same data, steps and evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .lorsu import LoRSUConfig, probe_lorsu
+from .lorsu.probe import default_loss
+from .objectives import build_class_prompts, zero_shot_accuracy
+from .trainer import class_prompt_probe_loss
+from .training import fit
+
+logger = logging.getLogger(__name__)
+
+VISION_METHODS = ("lorsu", "lorsu_random", "lora", "full", "spu")
+PROMPT_METHODS = ("rlp", "coop")
+METHODS = ("zero_shot", *VISION_METHODS, *PROMPT_METHODS)
+LOSSES = ("contrastive", "class_ce")
+CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.")
+
+
+class ClassificationSet(NamedTuple):
+    """Images with labels: ``pixel_values`` `(N, 3, H, W)` float, ``labels`` `(N,)` int64, ``class_names``."""
+
+    pixel_values: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+
+@dataclass
+class ContinualConfig:
+    """Settings of a continual run. Fields of the adapters follow LoRSU's reference run unless stated.
+
+    Args:
+        method: one of :data:`METHODS`.
+        sessions: number of sessions T.
+        shots: images per class per session.
+        disjoint_classes: each session holds its own classes (the paper); else every session samples all classes.
+        epochs, lr, batch_size, weight_decay: optimisation per session (AdamW, constant lr).
+        loss: ``"contrastive"`` (image-caption CLIP loss, the paper) or ``"class_ce"`` (class-prompt cross-entropy);
+            prompt methods always use ``"class_ce"``.
+        r, lora_alpha, top_k_heads, sparsity: LoRSU / LoRA / sparse-update settings.
+        merge: fold each session's adapter into the weights (the paper); ``False`` keeps one named adapter per
+            session, all active, only the newest trainable.
+        init_text, prompt_rank: RLP / CoOp context and rank; also the evaluation prompt prefix.
+        seed: data sampling, initialisation and shuffling.
+    """
+
+    method: str = "lorsu"
+    sessions: int = 5
+    shots: int = 5
+    disjoint_classes: bool = True
+    epochs: int = 5
+    lr: float = 1e-5
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    loss: str = "contrastive"
+    r: int = 64
+    lora_alpha: float = 64
+    top_k_heads: int = 2
+    sparsity: float = 0.1
+    merge: bool = True
+    init_text: str = "a photo of a"
+    prompt_rank: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"ContinualConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"ContinualConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("sessions", "shots", "epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ContinualConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"ContinualConfig.lr must be > 0, got {self.lr!r}")
+
+
+@dataclass
+class ContinualResult:
+    """Accuracy matrix (``rows[0]`` zero-shot, then one per session) over ``columns`` (target, then controls)."""
+
+    method: str
+    columns: list[str]
+    rows: list[list[float]] = field(default_factory=list)
+    trainable_params: list[int] = field(default_factory=list)
+    adapter_params: int = 0
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+
+    @property
+    def target_improvement(self) -> float:
+        return self.rows[-1][0] - self.rows[0][0]
+
+    @property
+    def control_change(self) -> float:
+        if len(self.columns) < 2:
+            return 0.0
+        changes = [self.rows[-1][j] - self.rows[0][j] for j in range(1, len(self.columns))]
+        return sum(changes) / len(changes)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "target_improvement": self.target_improvement, "control_change": self.control_change}
+
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """Write ``{method}.json``, ``{method}.csv`` and ``{method}.png`` (accuracy per session) into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"{self.method}.json", out / f"{self.method}.csv", out / f"{self.method}.png"]
+        paths[0].write_text(json.dumps(self.to_dict(), indent=2))
+        with paths[1].open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["session", *self.columns])
+            for i, row in enumerate(self.rows):
+                writer.writerow([i, *(f"{v:.4f}" for v in row)])
+        plot_sessions({self.method: self}, paths[2])
+        return paths
+
+
+def plot_sessions(results: dict[str, ContinualResult], path: str | Path) -> None:
+    """One panel per evaluation set, accuracy against session, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = next(iter(results.values())).columns
+    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
+    for j, column in enumerate(columns):
+        ax = axes[0][j]
+        for name, result in results.items():
+            ax.plot(range(len(result.rows)), [100 * row[j] for row in result.rows], marker="o", label=name)
+        ax.set_title(column)
+        ax.set_xlabel("session (0 = zero-shot)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def session_indices(data: ClassificationSet, config: ContinualConfig) -> list[torch.Tensor]:
+    """Indices of each session's few-shot images (seeded; sessions never share an image)."""
+    g = torch.Generator().manual_seed(config.seed)
+    classes = data.labels.unique(sorted=True)
+    if config.disjoint_classes:
+        if len(classes) < config.sessions:
+            raise ValueError(f"sessions={config.sessions} exceeds the {len(classes)} target classes")
+        groups = [classes[i :: config.sessions] for i in range(config.sessions)]
+    else:
+        groups = [classes] * config.sessions
+    pools = {int(c): torch.nonzero(data.labels == c).flatten() for c in classes}
+    pools = {c: idx[torch.randperm(len(idx), generator=g)] for c, idx in pools.items()}
+    used = dict.fromkeys(pools, 0)
+    sessions = []
+    for group in groups:
+        picked = []
+        for c in group.tolist():
+            start, stop = used[c], used[c] + config.shots
+            if stop > len(pools[c]):
+                raise ValueError(f"class {data.class_names[c]!r} has {len(pools[c])} images, needs {stop}")
+            picked.append(pools[c][start:stop])
+            used[c] = stop
+        sessions.append(torch.cat(picked))
+    return sessions
+
+
+class ContinualRunner:
+    """Runs :class:`ContinualConfig` on a CLIP model; see the module docstring.
+
+    Args:
+        model: a ``CLIPModel`` (adapted in place; pass a copy to keep the original).
+        tokenizer: the model's tokenizer (captions, class prompts, RLP init text).
+        target_train / target_test: the target data the model should learn.
+        controls: name -> data the model should not forget.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        target_train: ClassificationSet,
+        target_test: ClassificationSet,
+        controls: dict[str, ClassificationSet],
+        config: ContinualConfig,
+    ) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.target_train, self.target_test, self.controls = target_train, target_test, controls
+        self.loss = "class_ce" if config.method in PROMPT_METHODS else config.loss
+
+    # -------------------------------------------------------------------------------------------- data
+
+    def _batches(self, indices: torch.Tensor, shuffle: bool, seed: int) -> list[dict]:
+        data, cfg = self.target_train, self.config
+        order = (
+            indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))]
+            if shuffle
+            else indices
+        )
+        rng = random.Random(seed)
+        if self.loss == "class_ce":
+            prompts = self.tokenizer(
+                build_class_prompts(data.class_names, init_text=cfg.init_text), padding=True, return_tensors="pt"
+            )
+        batches = []
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            batch = {"pixel_values": data.pixel_values[idx]}
+            if self.loss == "class_ce":
+                batch.update(labels=data.labels[idx], **prompts)
+            else:
+                captions = [rng.choice(CAPTION_TEMPLATES).format(data.class_names[int(c)]) for c in data.labels[idx]]
+                batch.update(self.tokenizer(captions, padding=True, return_tensors="pt"))
+                batch["return_loss"] = True
+            batches.append(batch)
+        return batches
+
+    def _loss_fn(self):
+        return class_prompt_probe_loss if self.loss == "class_ce" else default_loss
+
+    # -------------------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> list[float]:
+        """Accuracy on the target test set, then on every control set."""
+        accs = []
+        for data in (self.target_test, *self.controls.values()):
+            prompts = build_class_prompts(data.class_names, init_text=self.config.init_text)
+            loader = [
+                {"pixel_values": data.pixel_values[i : i + 256], "labels": data.labels[i : i + 256]}
+                for i in range(0, len(data.labels), 256)
+            ]
+            accs.append(zero_shot_accuracy(model, loader, prompts, self.tokenizer))
+        return accs
+
+    # -------------------------------------------------------------------------------------------- methods
+
+    def _adapt(self, model: nn.Module, session: int, probe_data: list[dict]) -> nn.Module:
+        """Return the module to train this session (``model`` itself, or a PEFT model around it)."""
+        cfg, method = self.config, self.config.method
+        name = "default" if cfg.merge else f"session_{session}"
+        if method in ("lorsu", "lorsu_random", "spu"):
+            lorsu = LoRSUConfig(
+                r=cfg.r,
+                lora_alpha=cfg.lora_alpha,
+                top_k_heads=cfg.top_k_heads,
+                sparsity=cfg.sparsity,
+                selection="random" if method == "lorsu_random" else "gradient",
+                seed=cfg.seed + session,
+            )
+            if method == "spu":
+                lorsu.adapt_attention = lorsu.adapt_projection = lorsu.train_biases = False
+            probe_lorsu(model, lorsu, probe_data, loss_fn=self._loss_fn(), show_progress=False)
+            return self._add_adapter(model, lorsu, name)
+        if method == "lora":
+            lora = LoraConfig(
+                r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=r".*vision_model.*\.(q_proj|k_proj|v_proj)"
+            )
+            return self._add_adapter(model, lora, name)
+        if method == "full":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for module in (model.vision_model, model.visual_projection):
+                module.requires_grad_(True)
+            return model
+        if method in PROMPT_METHODS:
+            if isinstance(model, PeftModel):  # prompts keep training across sessions
+                return model
+            from .rlp import RLPConfig
+
+            ids = self.tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+            rlp = RLPConfig(
+                init_text=cfg.init_text,
+                init_token_ids=ids,
+                rank=cfg.prompt_rank,
+                mode="full_rank" if method == "coop" else "low_rank",
+            )
+            return get_peft_model(model, rlp)
+        raise ValueError(f"unknown method {method!r}")
+
+    def _add_adapter(self, model: nn.Module, peft_config, name: str) -> nn.Module:
+        if not isinstance(model, PeftModel):
+            return get_peft_model(model, peft_config, adapter_name=name)
+        # stacked adapters: all sessions active, only the newest trainable
+        model.add_adapter(name, peft_config)
+        names = list(model.peft_config)
+        model.base_model.set_adapter(names)
+        model.base_model.set_requires_grad([n for n in names if n != name], requires_grad=False)
+        return model
+
+    def _finish(self, trained: nn.Module) -> nn.Module:
+        """The model the next session starts from."""
+        if self.config.method == "full":
+            trained.requires_grad_(False)
+            return trained
+        if isinstance(trained, PeftModel) and self.config.merge and self.config.method not in PROMPT_METHODS:
+            return trained.merge_and_unload()
+        return trained
+
+    # -------------------------------------------------------------------------------------------- run
+
+    def run(self, show_progress: bool = True) -> ContinualResult:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        columns = ["target", *self.controls]
+        result = ContinualResult(method=cfg.method, columns=columns, config=asdict(cfg))
+        start = time.perf_counter()
+        model = self.model.eval()
+        result.rows.append(self.evaluate(model))
+        logger.info("zero-shot: %s", dict(zip(columns, result.rows[0])))
+        if cfg.method != "zero_shot":
+            for session, indices in enumerate(session_indices(self.target_train, cfg), start=1):
+                probe_data = self._batches(indices, shuffle=False, seed=cfg.seed)
+                trainable = self._adapt(model, session, probe_data)
+                result.trainable_params.append(sum(p.numel() for p in trainable.parameters() if p.requires_grad))
+                batches = [
+                    self._batches(indices, shuffle=True, seed=cfg.seed + 1000 * session + e) for e in range(cfg.epochs)
+                ]
+                fit(
+                    trainable,
+                    _EpochBatches(batches),
+                    epochs=cfg.epochs,
+                    lr=cfg.lr,
+                    weight_decay=cfg.weight_decay,
+                    loss_fn=self._loss_fn(),
+                    show_progress=show_progress,
+                )
+                model = self._finish(trainable).eval()
+                result.rows.append(self.evaluate(model))
+                logger.info("session %d/%d: %s", session, cfg.sessions, dict(zip(columns, result.rows[-1])))
+        if isinstance(model, PeftModel):
+            tags = ("lora_", "lorsu_", "rlp_")
+            result.adapter_params = sum(p.numel() for n, p in model.named_parameters() if any(t in n for t in tags))
+        result.seconds = time.perf_counter() - start
+        self.final_model = model
+        return result
+
+
+class _EpochBatches:
+    """Iterable that yields epoch ``e``'s pre-built batches on its ``e``-th iteration (fresh shuffle per epoch)."""
+
+    def __init__(self, epochs: Sequence[list[dict]]) -> None:
+        self.epochs, self.calls = list(epochs), 0
+
+    def __iter__(self):
+        batches = self.epochs[min(self.calls, len(self.epochs) - 1)]
+        self.calls += 1
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return len(self.epochs[0])

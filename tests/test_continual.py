@@ -1,0 +1,98 @@
+"""The continual few-shot runner: session sampling, every method end to end, outputs, stacked adapters."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import clip_tokenizer, tiny_clip
+
+from peft_lorsu.continual import METHODS, ClassificationSet, ContinualConfig, ContinualRunner, session_indices
+
+CLASSES = ["zero", "one", "two", "three"]
+
+
+def classification_set(n_per_class: int, seed: int, names=CLASSES) -> ClassificationSet:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(names)).repeat_interleave(n_per_class)
+    patterns = torch.randn(len(names), 3, 16, 16, generator=torch.Generator().manual_seed(42))
+    pixels = patterns[labels] + 0.3 * torch.randn(len(labels), 3, 16, 16, generator=g)
+    return ClassificationSet(pixels, labels, list(names))
+
+
+def runner(method: str, **kwargs) -> ContinualRunner:
+    config = ContinualConfig(
+        method=method, sessions=2, shots=2, epochs=2, lr=1e-2, batch_size=4, r=4, lora_alpha=4, **kwargs
+    )
+    controls = {"control": classification_set(3, 2, names=["cat", "dog"])}
+    return ContinualRunner(
+        tiny_clip(real_vocab=True),
+        clip_tokenizer(),
+        classification_set(6, 0),
+        classification_set(3, 1),
+        controls,
+        config,
+    )
+
+
+def test_session_indices_are_disjoint_and_few_shot():
+    data = classification_set(6, 0)
+    sessions = session_indices(data, ContinualConfig(sessions=2, shots=3))
+    assert [len(s) for s in sessions] == [6, 6]
+    assert not set(sessions[0].tolist()) & set(sessions[1].tolist())
+    assert set(data.labels[sessions[0]].tolist()) == {0, 2} and set(data.labels[sessions[1]].tolist()) == {1, 3}
+    mixed = session_indices(data, ContinualConfig(sessions=2, shots=3, disjoint_classes=False))
+    assert set(data.labels[mixed[0]].tolist()) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="class 'zero' has 6 images, needs 9"):
+        session_indices(data, ContinualConfig(sessions=1, shots=9))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_two_sessions(method, tmp_path):
+    run = runner(method)
+    text_before = copy.deepcopy(run.model.text_model.state_dict())
+    result = run.run(show_progress=False)
+    expected_rows = 1 if method == "zero_shot" else 3
+    assert len(result.rows) == expected_rows and all(len(r) == 2 for r in result.rows)
+    assert all(0.0 <= v <= 1.0 for row in result.rows for v in row)
+    if method != "zero_shot":
+        assert len(result.trainable_params) == 2 and all(n > 0 for n in result.trainable_params)
+    if method in ("lorsu", "lorsu_random", "lora", "full", "spu"):
+        final_text = {k.replace(".base_layer", ""): v for k, v in run.final_model.text_model.state_dict().items()}
+        assert all(torch.equal(final_text[k], v) for k, v in text_before.items()), "text tower changed"
+    paths = result.save(tmp_path)
+    saved = json.loads(paths[0].read_text())
+    assert saved["columns"] == ["target", "control"] and len(saved["rows"]) == expected_rows
+    assert saved["target_improvement"] == pytest.approx(result.rows[-1][0] - result.rows[0][0])
+    assert paths[1].read_text().splitlines()[0] == "session,target,control"
+    assert paths[2].stat().st_size > 1000
+
+
+def test_lorsu_learns_the_target_and_full_changes_vision_weights():
+    run = runner("lorsu", loss="class_ce")
+    run.config.epochs = 10
+    lorsu = run.run(show_progress=False)
+    assert lorsu.rows[-1][0] >= lorsu.rows[0][0] + 0.25  # 0.25 -> 0.75 on this seed
+    assert lorsu.trainable_params[0] < runner("full").run(show_progress=False).trainable_params[0]
+
+
+def test_stacked_adapters_keep_one_per_session():
+    run = runner("lorsu", merge=False)
+    result = run.run(show_progress=False)
+    model = run.final_model
+    assert list(model.peft_config) == ["session_1", "session_2"]
+    assert model.base_model.active_adapters == ["session_1", "session_2"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("session_2" in n for n in trainable)
+    assert result.adapter_params == sum(result.trainable_params)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"method must be one of .*got 'adam'"):
+        ContinualConfig(method="adam")
+    with pytest.raises(ValueError, match="ContinualConfig.shots must be an integer >= 1"):
+        ContinualConfig(shots=0)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        ContinualConfig(loss="mse")

@@ -5,15 +5,39 @@ Importing the package registers both methods with PEFT, after which ``get_peft_m
 """
 
 from .lorsu import HeadLoRALinear, LoRSUConfig, LoRSULayer, LoRSUModel, SparseLinear, probe_lorsu
+from .objectives import (
+    BaseToNewResult,
+    ZeroShotClassifier,
+    base_to_new_split,
+    build_class_prompts,
+    class_cross_entropy,
+    clip_contrastive_loss,
+    evaluate_base_to_new,
+    harmonic_mean,
+    zero_shot_accuracy,
+)
+from .rlp import RLPConfig, RLPModel, RLPTextEmbedding
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseToNewResult",
     "HeadLoRALinear",
     "LoRSUConfig",
     "LoRSULayer",
     "LoRSUModel",
+    "RLPConfig",
+    "RLPModel",
+    "RLPTextEmbedding",
     "SparseLinear",
+    "ZeroShotClassifier",
     "__version__",
+    "base_to_new_split",
+    "build_class_prompts",
+    "class_cross_entropy",
+    "clip_contrastive_loss",
+    "evaluate_base_to_new",
+    "harmonic_mean",
     "probe_lorsu",
+    "zero_shot_accuracy",
 ]

@@ -93,12 +93,16 @@ def class_cross_entropy(
     """Cross-entropy over classes; usable as ``transformers.Trainer(compute_loss_func=class_cross_entropy)``.
 
     Args:
-        outputs: logits of shape `(B, C)`, or a mapping / output object with a ``logits`` entry.
+        outputs: logits of shape `(B, C)`, or a mapping / output object with a ``logits`` entry (e.g.
+            [`ClassifierOutput`]) or a ``logits_per_image`` entry (a ``CLIPModel`` output over the class prompts).
         labels (`torch.LongTensor` of shape `(B,)`): class indices; -100 is ignored.
         num_items_in_batch: when given (Trainer passes it), the summed loss is divided by it, which keeps gradient
             accumulation exact.
     """
-    logits = outputs if isinstance(outputs, torch.Tensor) else outputs["logits"]
+    if isinstance(outputs, torch.Tensor):
+        logits = outputs
+    else:
+        logits = outputs["logits"] if "logits" in outputs else outputs["logits_per_image"]
     labels = labels.to(logits.device)
     if num_items_in_batch is None:
         return F.cross_entropy(logits, labels)

@@ -114,6 +114,8 @@ def test_class_cross_entropy_hand_computed():
     assert class_cross_entropy(ClassifierOutput(logits=logits), labels, num_items_in_batch=4).item() == pytest.approx(
         sum(per_item) / 4
     )
+    # a CLIPModel output over the class prompts works too
+    assert class_cross_entropy({"logits_per_image": logits}, labels).item() == pytest.approx(sum(per_item) / 2)
     # -100 is ignored
     assert class_cross_entropy(logits, torch.tensor([1, -100])).item() == pytest.approx(-math.log(0.75))
 

@@ -471,6 +471,21 @@ def test_trainer_with_class_cross_entropy(tmp_path):
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
 
 
+def test_clip_forward_over_class_prompts_trains_the_same_context():
+    """CLIPModel's own forward (input_ids = the C prompts) gives the classifier's logits and gradients."""
+    peft_model = get_peft_model(tiny_clip(), RLPConfig(init_token_ids=CTX, rank=1))
+    randomize_adapter(peft_model)
+    pixel_values, labels = synthetic_images(per_class=1)
+    via_clip = class_cross_entropy(peft_model(input_ids=prompts(), pixel_values=pixel_values), labels)
+    via_clip.backward()
+    grad = rlp_layer(peft_model).rlp_B["default"].grad.clone()
+    peft_model.zero_grad()
+    via_classifier = ZeroShotClassifier(peft_model, prompts())(pixel_values, labels)
+    via_classifier.loss.backward()
+    assert torch.allclose(via_clip, via_classifier.loss, atol=1e-6)
+    assert torch.allclose(grad, rlp_layer(peft_model).rlp_B["default"].grad, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["low_rank", "full_rank"])
 def test_prompt_learning_raises_accuracy(mode):
     """A random CLIP classifies 4 synthetic image classes near chance; learning the shared context fixes that."""

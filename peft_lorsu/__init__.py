@@ -4,6 +4,7 @@ Importing the package registers both methods with PEFT, after which ``get_peft_m
 ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle them like PEFT's own methods.
 """
 
+from .hub import install_model_card_hook, record_card_info
 from .lorsu import HeadLoRALinear, LoRSUConfig, LoRSULayer, LoRSUModel, SparseLinear, probe_lorsu
 from .objectives import (
     BaseToNewResult,
@@ -17,6 +18,8 @@ from .objectives import (
     zero_shot_accuracy,
 )
 from .rlp import RLPConfig, RLPModel, RLPTextEmbedding
+
+install_model_card_hook()
 
 __version__ = "0.1.0"
 
@@ -39,5 +42,6 @@ __all__ = [
     "evaluate_base_to_new",
     "harmonic_mean",
     "probe_lorsu",
+    "record_card_info",
     "zero_shot_accuracy",
 ]

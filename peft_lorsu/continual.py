@@ -26,9 +26,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from .datasets import CAPTION_TEMPLATES, fill_template
 from .lorsu import LoRSUConfig, probe_lorsu
 from .lorsu.probe import default_loss
 from .objectives import build_class_prompts, zero_shot_accuracy
+from .plots import plot_sessions
 from .trainer import class_prompt_probe_loss
 from .training import fit
 
@@ -38,7 +40,6 @@ VISION_METHODS = ("lorsu", "lorsu_random", "lora", "full", "spu")
 PROMPT_METHODS = ("rlp", "coop")
 METHODS = ("zero_shot", *VISION_METHODS, *PROMPT_METHODS)
 LOSSES = ("contrastive", "class_ce")
-CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.")
 
 
 class ClassificationSet(NamedTuple):
@@ -139,27 +140,58 @@ class ContinualResult:
         return paths
 
 
-def plot_sessions(results: dict[str, ContinualResult], path: str | Path) -> None:
-    """One panel per evaluation set, accuracy against session, one line per method."""
-    import matplotlib
+def load_classification_set(name: str, split: str, image_size: int) -> ClassificationSet:
+    """A dataset of :func:`peft_lorsu.datasets.load_image_dataset` (``"digits"``, ``"fashion_mnist:inverted"``, a
+    hub name, ...) as CLIP pixel values `(N, 3, image_size, image_size)`. For ``"demo"``, ``train`` / ``test`` mean
+    its ``target_train`` / ``target_test`` splits."""
+    from .datasets import load_image_dataset, to_pixel_values
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if name.partition(":")[0] == "demo":  # the packaged set names its splits after their role
+        split = {"train": "target_train", "test": "target_test"}.get(split, split)
+    data = load_image_dataset(name, split)
+    return ClassificationSet(to_pixel_values(data.images, image_size), data.labels, list(data.class_names))
 
-    columns = next(iter(results.values())).columns
-    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
-    for j, column in enumerate(columns):
-        ax = axes[0][j]
-        for name, result in results.items():
-            ax.plot(range(len(result.rows)), [100 * row[j] for row in result.rows], marker="o", label=name)
-        ax.set_title(column)
-        ax.set_xlabel("session (0 = zero-shot)")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+def make_batches(
+    data: ClassificationSet,
+    indices: torch.Tensor,
+    tokenizer: Any,
+    loss: str,
+    batch_size: int,
+    init_text: str = "a photo of a",
+    shuffle: bool = False,
+    seed: int = 0,
+) -> list[dict]:
+    """Model-ready batches of ``data[indices]`` for ``loss``.
+
+    ``"contrastive"``: ``pixel_values``, a caption per image from a random template (seeded) as ``input_ids`` /
+    ``attention_mask`` `(B, L)`, and ``return_loss=True``. ``"class_ce"``: ``pixel_values``, ``labels`` `(B,)` and the
+    prompts ``"{init_text} {class}."`` of all classes as ``input_ids`` / ``attention_mask`` `(C, L)`.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    order = indices
+    if shuffle:
+        order = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))]
+    rng = random.Random(seed)
+    if loss == "class_ce":
+        prompts = tokenizer(
+            build_class_prompts(data.class_names, init_text=init_text), padding=True, return_tensors="pt"
+        )
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = {"pixel_values": data.pixel_values[idx]}
+        if loss == "class_ce":
+            batch.update(labels=data.labels[idx], **prompts)
+        else:
+            captions = [
+                fill_template(rng.choice(CAPTION_TEMPLATES), data.class_names[int(c)]) for c in data.labels[idx]
+            ]
+            batch.update(tokenizer(captions, padding=True, return_tensors="pt"))
+            batch["return_loss"] = True
+        batches.append(batch)
+    return batches
 
 
 def session_indices(data: ClassificationSet, config: ContinualConfig) -> list[torch.Tensor]:
@@ -214,29 +246,17 @@ class ContinualRunner:
     # -------------------------------------------------------------------------------------------- data
 
     def _batches(self, indices: torch.Tensor, shuffle: bool, seed: int) -> list[dict]:
-        data, cfg = self.target_train, self.config
-        order = (
-            indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))]
-            if shuffle
-            else indices
+        cfg = self.config
+        return make_batches(
+            self.target_train,
+            indices,
+            self.tokenizer,
+            self.loss,
+            cfg.batch_size,
+            cfg.init_text,
+            shuffle=shuffle,
+            seed=seed,
         )
-        rng = random.Random(seed)
-        if self.loss == "class_ce":
-            prompts = self.tokenizer(
-                build_class_prompts(data.class_names, init_text=cfg.init_text), padding=True, return_tensors="pt"
-            )
-        batches = []
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            batch = {"pixel_values": data.pixel_values[idx]}
-            if self.loss == "class_ce":
-                batch.update(labels=data.labels[idx], **prompts)
-            else:
-                captions = [rng.choice(CAPTION_TEMPLATES).format(data.class_names[int(c)]) for c in data.labels[idx]]
-                batch.update(self.tokenizer(captions, padding=True, return_tensors="pt"))
-                batch["return_loss"] = True
-            batches.append(batch)
-        return batches
 
     def _loss_fn(self):
         return class_prompt_probe_loss if self.loss == "class_ce" else default_loss
@@ -341,7 +361,7 @@ class ContinualRunner:
                 ]
                 fit(
                     trainable,
-                    _EpochBatches(batches),
+                    EpochBatches(batches),
                     epochs=cfg.epochs,
                     lr=cfg.lr,
                     weight_decay=cfg.weight_decay,
@@ -359,7 +379,7 @@ class ContinualRunner:
         return result
 
 
-class _EpochBatches:
+class EpochBatches:
     """Iterable that yields epoch ``e``'s pre-built batches on its ``e``-th iteration (fresh shuffle per epoch)."""
 
     def __init__(self, epochs: Sequence[list[dict]]) -> None:

@@ -6,7 +6,7 @@ Two training signals are supported out of the box:
   so ``Trainer`` uses ``CLIPModel``'s own symmetric loss. Set ``TrainingArguments(label_names=[])``.
 - **Class-prompt cross-entropy** (image + label): :class:`ClassPromptCollator` adds the tokenised prompts of all
   classes to every batch, so ``CLIPModel`` returns ``logits_per_image`` of shape `(B, C)`; pass
-  ``compute_loss_func=class_prompt_loss`` and ``TrainingArguments(remove_unused_columns=False)``.
+  ``compute_loss_func=peft_lorsu.class_cross_entropy`` and ``TrainingArguments(remove_unused_columns=False)``.
 
 :func:`get_lorsu_model` probes on the training dataset with the same collator and loss the Trainer will use, then
 wraps the model, so a Trainer script needs no glue of its own.
@@ -20,14 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .lorsu import LoRSUConfig, probe_lorsu
 from .lorsu.probe import default_loss
-from .objectives import build_class_prompts
+from .objectives import build_class_prompts, class_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -105,18 +104,10 @@ class ClassPromptCollator:
         }
 
 
-def class_prompt_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: int | None = None) -> torch.Tensor:
-    """Cross-entropy of ``outputs.logits_per_image`` `(B, C)` against ``labels`` `(B,)`; a ``compute_loss_func``."""
-    logits = outputs["logits_per_image"] if isinstance(outputs, Mapping) else outputs.logits_per_image
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = F.cross_entropy(logits, labels.to(logits.device), reduction=reduction)
-    return loss / num_items_in_batch if num_items_in_batch is not None else loss
-
-
 def class_prompt_probe_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """``loss_fn(model, batch)`` form of :func:`class_prompt_loss`, for :func:`probe_lorsu` and ``fit``."""
+    """``loss_fn(model, batch)`` form of :func:`~peft_lorsu.objectives.class_cross_entropy`, for probe and ``fit``."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return class_prompt_loss(model(**inputs), batch["labels"])
+    return class_cross_entropy(model(**inputs), batch["labels"])
 
 
 def probe_on_dataset(

@@ -10,13 +10,8 @@ from conftest import clip_batches, clip_tokenizer, tiny_clip
 from transformers import Trainer, TrainingArguments
 
 from peft_lorsu import LoRSUConfig
-from peft_lorsu.trainer import (
-    ClassPromptCollator,
-    ImageTextCollator,
-    class_prompt_loss,
-    get_lorsu_model,
-    probe_on_dataset,
-)
+from peft_lorsu.objectives import class_cross_entropy
+from peft_lorsu.trainer import ClassPromptCollator, ImageTextCollator, get_lorsu_model, probe_on_dataset
 
 CLASSES = ["cat", "dog", "car", "tree"]
 
@@ -80,7 +75,7 @@ def test_contrastive_loss_through_trainer(tmp_path):
     assert all(torch.equal(p, frozen[n]) for n, p in peft_model.named_parameters() if n in frozen)
 
 
-def test_class_prompt_loss_through_trainer(tmp_path):
+def test_class_cross_entropy_through_trainer(tmp_path):
     tokenizer = clip_tokenizer()
     model = tiny_clip(real_vocab=True)
     collator = ClassPromptCollator(tokenizer, CLASSES)
@@ -94,14 +89,14 @@ def test_class_prompt_loss_through_trainer(tmp_path):
         args=args(tmp_path, remove_unused_columns=False, max_steps=6),
         train_dataset=labelled_dataset(),
         data_collator=collator,
-        compute_loss_func=class_prompt_loss,
+        compute_loss_func=class_cross_entropy,
     )
     with torch.no_grad():
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        loss_before = class_prompt_loss(peft_model(**inputs), batch["labels"]).item()
+        loss_before = class_cross_entropy(peft_model(**inputs), batch["labels"]).item()
     trainer.train()
     with torch.no_grad():
-        loss_after = class_prompt_loss(peft_model(**inputs), batch["labels"]).item()
+        loss_after = class_cross_entropy(peft_model(**inputs), batch["labels"]).item()
     assert loss_after < loss_before
 
 

@@ -148,3 +148,58 @@ def get_lorsu_model(
     if not config.has_selection:
         probe_on_dataset(model, config, train_dataset, data_collator, batch_size, loss_fn, num_batches, show_progress)
     return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def load_image_classification(
+    source: str,
+    split: str = "train",
+    image_processor: Any = None,
+    image_size: int | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows ``{"pixel_values": (3, S, S), "label": int, "caption": str}`` and the class names, for Trainer scripts.
+
+    Args:
+        source: a folder with one sub-folder of images per class (read with ``datasets``' ``imagefolder`` builder
+            and ``image_processor``), or a dataset name of :func:`peft_lorsu.datasets.load_image_dataset` (``demo``,
+            ``digits``, ``fashion_mnist``, a hub name, ...) resized to ``image_size``.
+        max_samples: keep the first ``max_samples`` rows (after a seeded shuffle).
+
+    The caption of each row is a template from :data:`peft_lorsu.datasets.CAPTION_TEMPLATES` filled with its class
+    name, drawn once with ``seed``, for the contrastive loss.
+    """
+    import random
+    from pathlib import Path
+
+    from .datasets import CAPTION_TEMPLATES, fill_template
+
+    if Path(source).is_dir():
+        try:
+            from datasets import load_dataset
+        except ImportError as error:
+            raise ImportError("reading an image folder needs `datasets`: pip install 'peft-lorsu[data]'") from error
+        if image_processor is None:
+            raise ValueError("an image folder needs an image_processor to turn its images into pixel_values")
+        data = load_dataset("imagefolder", data_dir=source, split=split)
+        names = list(data.features["label"].names)
+        pixels = image_processor(images=[im.convert("RGB") for im in data["image"]], return_tensors="pt")
+        pixel_values, labels = pixels["pixel_values"], torch.as_tensor(data["label"])
+    else:
+        from .continual import load_classification_set
+
+        if image_size is None:
+            raise ValueError(f"source={source!r} is a dataset name: pass image_size (the model's input size)")
+        data = load_classification_set(source, split, image_size)
+        pixel_values, labels, names = data.pixel_values, data.labels, data.class_names
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_samples]
+    rng = random.Random(seed)
+    rows = [
+        {
+            "pixel_values": pixel_values[i],
+            "label": int(labels[i]),
+            "caption": fill_template(rng.choice(CAPTION_TEMPLATES), names[int(labels[i])]),
+        }
+        for i in order.tolist()
+    ]
+    return rows, names

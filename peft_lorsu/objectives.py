@@ -71,7 +71,7 @@ def clip_contrastive_loss(
 
     Args:
         image_embeds (`torch.FloatTensor` of shape `(B, D)`): row b is paired with row b of ``text_embeds``.
-        text_embeds (`torch.FloatTensor` of shape `(B, D)`).
+        text_embeds (`torch.FloatTensor` of shape `(B, D)`): the captions' features.
         logit_scale: the multiplier ``s`` (``model.logit_scale.exp()``).
 
     Returns:
@@ -179,7 +179,7 @@ class ZeroShotClassifier(nn.Module):
     Args:
         model: a ``CLIPModel`` or a PEFT model wrapping one (RLP, LoRSU, ...).
         input_ids (`torch.LongTensor` of shape `(C, L)`): tokenised class prompts.
-        attention_mask (`torch.LongTensor` of shape `(C, L)`, *optional*).
+        attention_mask (`torch.LongTensor` of shape `(C, L)`, *optional*): the prompts' padding mask.
         cache_text_features (`bool`, defaults to `True`): allow the cache described above.
     """
 
@@ -273,7 +273,7 @@ class ZeroShotClassifier(nn.Module):
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ClassifierOutput:
         """
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`).
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): the images.
             labels (`torch.LongTensor` of shape `(B,)`, *optional*): class indices into the prompts.
 
         Returns:

@@ -241,7 +241,7 @@ class RLPTextEmbedding(nn.Module, RLPLayer):
         """
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
-            position_ids (`torch.LongTensor` of shape `(1 or batch_size, sequence_length)`, *optional*).
+            position_ids (`torch.LongTensor` of shape `(1 or batch_size, sequence_length)`, *optional*): positions.
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, d)`, *optional*): token
                 embeddings to use instead of ``token_embedding(input_ids)``; the context still overwrites them.
 

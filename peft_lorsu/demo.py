@@ -80,18 +80,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     before = {"target": _accuracy(model, target_test, tokenizer), "control": _accuracy(model, control, tokenizer)}
     print(f"1/5 zero-shot accuracy: target {100 * before['target']:.1f}%, control {100 * before['control']:.1f}%")
 
-    batches = make_batches(
-        target_train,
-        torch.arange(len(target_train.labels)),
-        tokenizer,
-        "contrastive",
-        cfg.batch_size,
-        shuffle=True,
-        seed=cfg.seed,
-    )
+    epochs = cfg.epochs or cfg.default_epochs
+    everything = torch.arange(len(target_train.labels))
+    # a fresh caption draw and order per epoch; the probe sees the first epoch's batches
+    epoch_batches = [
+        make_batches(target_train, everything, tokenizer, "contrastive", cfg.batch_size, True, seed=cfg.seed + e)
+        for e in range(epochs)
+    ]
     config = LoRSUConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, top_k_heads=cfg.top_k_heads, sparsity=cfg.sparsity)
     print("2/5 gradient probe: which heads matter for the new data")
-    probe_lorsu(model, config, batches)
+    probe_lorsu(model, config, epoch_batches[0])
     print(heads_table(config))
 
     base = copy.deepcopy(model)
@@ -102,19 +100,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"3/5 LoRSU trains {lorsu_params:,} parameters, {100 * lorsu_params / full_params:.1f}% of the "
         f"{full_params:,} a full fine-tuning of the image encoder would"
     )
-    epochs = cfg.epochs or cfg.default_epochs
-    epoch_batches = [
-        make_batches(
-            target_train,
-            torch.arange(len(target_train.labels)),
-            tokenizer,
-            "contrastive",
-            cfg.batch_size,
-            shuffle=True,
-            seed=cfg.seed + e,
-        )
-        for e in range(epochs)
-    ]
     result = fit(peft_model, EpochBatches(epoch_batches), epochs=epochs, lr=cfg.lr)
     print("    mean loss per epoch: " + " -> ".join(f"{v:.3f}" for v in result.epoch_losses))
 

@@ -38,27 +38,33 @@ def plot_sessions(results: dict[str, ContinualResult], path: str | Path) -> None
     plt.close(fig)
 
 
-def plot_head_scores(config: LoRSUConfig, path: str | Path) -> None:
-    """Heat map of the probe's head scores (rows: layers, columns: heads), each row scaled to its maximum; the
-    selected heads are outlined."""
+def _draw_head_scores(ax, config: LoRSUConfig, fig) -> None:
+    """Head scores (rows: layers, columns: heads), each row scaled to its maximum; selected heads outlined."""
     import numpy as np
 
-    plt = _pyplot()
     if not config.head_scores:
         raise ValueError("the config holds no head_scores: run probe_lorsu with selection='gradient' first")
     blocks = list(config.head_scores)
     scores = np.array([config.head_scores[b] for b in blocks], dtype=float)
     scores = scores / np.maximum(scores.max(axis=1, keepdims=True), 1e-30)
-    fig, ax = plt.subplots(figsize=(0.5 * scores.shape[1] + 2.5, 0.35 * len(blocks) + 1.5))
     image = ax.imshow(scores, cmap="viridis", aspect="auto", vmin=0, vmax=1)
     for row, block in enumerate(blocks):
         for head in (config.selected_heads or {}).get(block, []):
-            ax.add_patch(plt.Rectangle((head - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            ax.add_patch(_pyplot().Rectangle((head - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_yticks(range(len(blocks)), [b.replace(".self_attn", "").split("layers.")[-1] for b in blocks])
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title("head importance (row-normalised; red = selected)")
     fig.colorbar(image, ax=ax)
+
+
+def plot_head_scores(config: LoRSUConfig, path: str | Path) -> None:
+    """Heat map of the probe's head scores; the selected heads are outlined."""
+    plt = _pyplot()
+    rows = len(config.head_scores or {})
+    width = len(next(iter((config.head_scores or {"": []}).values())))
+    fig, ax = plt.subplots(figsize=(0.5 * width + 2.5, 0.35 * rows + 1.5))
+    _draw_head_scores(ax, config, fig)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -79,17 +85,7 @@ def plot_demo(before: dict[str, float], after: dict[str, float], config: LoRSUCo
     bars.set_ylim(0, 100)
     bars.legend()
     bars.set_title("target (digits) vs control (Fashion-MNIST)")
-    blocks = list(config.head_scores or {})
-    scores = np.array([config.head_scores[b] for b in blocks], dtype=float)
-    scores = scores / np.maximum(scores.max(axis=1, keepdims=True), 1e-30)
-    image = heat.imshow(scores, cmap="viridis", aspect="auto", vmin=0, vmax=1)
-    for row, block in enumerate(blocks):
-        for head in (config.selected_heads or {}).get(block, []):
-            heat.add_patch(plt.Rectangle((head - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    heat.set_xlabel("head")
-    heat.set_ylabel("layer")
-    heat.set_title("head importance (red = adapted)")
-    fig.colorbar(image, ax=heat)
+    _draw_head_scores(heat, config, fig)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

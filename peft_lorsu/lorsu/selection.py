@@ -50,6 +50,18 @@ def top_s_entries(grad: torch.Tensor, num_values: int) -> torch.Tensor:
     return order[:num_values].sort().values
 
 
+def check_top_k_heads(config: LoRSUConfig, blocks: dict[str, tuple[int, int]]) -> None:
+    """Raise if ``config.top_k_heads`` exceeds the heads of any attention block `{path: (num_heads, head_dim)}`."""
+    if not config.adapt_attention:
+        return
+    for block, (num_heads, _) in blocks.items():
+        if config.top_k_heads > num_heads:
+            raise ValueError(
+                f"LoRSUConfig.top_k_heads={config.top_k_heads} exceeds the {num_heads} heads of {block} "
+                f"(allowed: 1..{num_heads})"
+            )
+
+
 def random_selection(model: nn.Module, config: LoRSUConfig, sites: dict[str, Site]) -> None:
     """Fill ``config`` with heads and fc1 entries drawn at random from ``config.seed`` (ablation; needs no data)."""
     generator = torch.Generator().manual_seed(config.seed)

@@ -20,27 +20,18 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import CLIPImageProcessor, HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from peft_lorsu import LoRSUConfig, class_cross_entropy, record_card_info
-from peft_lorsu.resources import load_clip, tiny_random_clip
-from peft_lorsu.trainer import ClassPromptCollator, ImageTextCollator, get_lorsu_model, load_image_classification
+from peft_lorsu.trainer import (
+    ClassPromptCollator,
+    ImageDataArguments,
+    ImageTextCollator,
+    get_lorsu_model,
+    load_script_inputs,
+)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ScriptArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "CLIP hub name or folder; default: the packaged mini-CLIP."}
-    )
-    train_data: str = field(
-        default="demo", metadata={"help": "Image folder (one sub-folder per class) or a peft_lorsu dataset name."}
-    )
-    split: str = field(default="target_train", metadata={"help": "Split of train_data."})
-    loss: str = field(default="contrastive", metadata={"help": "'contrastive' (captions) or 'class_ce' (labels)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many images."})
-    dry_run: bool = field(default=False, metadata={"help": "Tiny random CLIP and two steps: a smoke test."})
 
 
 @dataclass
@@ -50,29 +41,18 @@ class LoRSUArguments:
     top_k_heads: int = field(default=2, metadata={"help": "Heads adapted per layer."})
     sparsity: float = field(default=0.1, metadata={"help": "Fraction of fc1 entries trained."})
     probe_batches: int | None = field(default=None, metadata={"help": "Probe at most this many batches."})
+    loss: str = field(default="contrastive", metadata={"help": "'contrastive' (captions) or 'class_ce' (labels)."})
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ScriptArguments, LoRSUArguments, TrainingArguments))
+    parser = HfArgumentParser((ImageDataArguments, LoRSUArguments, TrainingArguments))
     script, lorsu, training = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if script.loss not in ("contrastive", "class_ce"):
-        raise ValueError(f"--loss must be 'contrastive' or 'class_ce', got {script.loss!r}")
+    if lorsu.loss not in ("contrastive", "class_ce"):
+        raise ValueError(f"--loss must be 'contrastive' or 'class_ce', got {lorsu.loss!r}")
+    model, tokenizer, rows, class_names = load_script_inputs(script, training)
 
-    if script.dry_run:
-        model, tokenizer = tiny_random_clip()
-        training.max_steps, training.report_to = 2, []
-        script.max_train_samples = script.max_train_samples or 16
-    else:
-        model, tokenizer = load_clip(script.model_name_or_path)
-    size = model.config.vision_config.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    rows, class_names = load_image_classification(
-        script.train_data, script.split, processor, size, script.max_train_samples, seed=training.seed
-    )
-    logger.info("%d training images, %d classes", len(rows), len(class_names))
-
-    if script.loss == "contrastive":
+    if lorsu.loss == "contrastive":
         collator, compute_loss = ImageTextCollator(tokenizer), None
         training.label_names = []
     else:

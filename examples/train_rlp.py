@@ -20,26 +20,12 @@ import sys
 from dataclasses import dataclass, field
 
 from peft import get_peft_model
-from transformers import CLIPImageProcessor, HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from peft_lorsu import RLPConfig, build_class_prompts, class_cross_entropy, record_card_info, zero_shot_accuracy
-from peft_lorsu.resources import load_clip, tiny_random_clip
-from peft_lorsu.trainer import ClassPromptCollator, load_image_classification
+from peft_lorsu.trainer import ClassPromptCollator, ImageDataArguments, load_script_inputs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ScriptArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "CLIP hub name or folder; default: the packaged mini-CLIP."}
-    )
-    train_data: str = field(
-        default="demo", metadata={"help": "Image folder (one sub-folder per class) or a peft_lorsu dataset name."}
-    )
-    split: str = field(default="target_train", metadata={"help": "Split of train_data."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many images."})
-    dry_run: bool = field(default=False, metadata={"help": "Tiny random CLIP and two steps: a smoke test."})
 
 
 @dataclass
@@ -64,20 +50,10 @@ def accuracy(model, rows, class_names, tokenizer, init_text) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ScriptArguments, PromptArguments, TrainingArguments))
+    parser = HfArgumentParser((ImageDataArguments, PromptArguments, TrainingArguments))
     script, prompt, training = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if script.dry_run:
-        model, tokenizer = tiny_random_clip()
-        training.max_steps, training.report_to = 2, []
-        script.max_train_samples = script.max_train_samples or 16
-    else:
-        model, tokenizer = load_clip(script.model_name_or_path)
-    size = model.config.vision_config.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    rows, class_names = load_image_classification(
-        script.train_data, script.split, processor, size, script.max_train_samples, seed=training.seed
-    )
+    model, tokenizer, rows, class_names = load_script_inputs(script, training)
 
     ids = tokenizer(prompt.init_text, add_special_tokens=False)["input_ids"]
     config = RLPConfig(

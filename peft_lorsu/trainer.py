@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -203,3 +204,40 @@ def load_image_classification(
         for i in order.tolist()
     ]
     return rows, names
+
+
+@dataclass
+class ImageDataArguments:
+    """Data and model options shared by the example Trainer scripts (an ``HfArgumentParser`` dataclass)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "CLIP hub name or folder; default: the packaged mini-CLIP."}
+    )
+    train_data: str = field(
+        default="demo", metadata={"help": "Image folder (one sub-folder per class) or a peft_lorsu dataset name."}
+    )
+    split: str = field(default="target_train", metadata={"help": "Split of train_data."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many images."})
+    dry_run: bool = field(default=False, metadata={"help": "Tiny random CLIP and two steps: a smoke test."})
+
+
+def load_script_inputs(data_args: ImageDataArguments, training_args: Any) -> tuple[Any, Any, list[dict], list[str]]:
+    """``(model, tokenizer, rows, class_names)`` for an example script; ``dry_run`` swaps in a tiny random CLIP
+    and caps the run at two steps and 16 images."""
+    from transformers import CLIPImageProcessor
+
+    from .resources import load_clip, tiny_random_clip
+
+    if data_args.dry_run:
+        model, tokenizer = tiny_random_clip()
+        training_args.max_steps, training_args.report_to = 2, []
+        data_args.max_train_samples = data_args.max_train_samples or 16
+    else:
+        model, tokenizer = load_clip(data_args.model_name_or_path)
+    size = model.config.vision_config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    rows, class_names = load_image_classification(
+        data_args.train_data, data_args.split, processor, size, data_args.max_train_samples, seed=training_args.seed
+    )
+    logger.info("%d training images, %d classes", len(rows), len(class_names))
+    return model, tokenizer, rows, class_names

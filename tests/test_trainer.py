@@ -117,7 +117,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     plain_model, plain = contrastive_run(tmp_path / "plain")
     plain.train()
-    ckpt_model, ckpt = contrastive_run(tmp_path / "ckpt", gradient_checkpointing=True)
+    ckpt_model, ckpt = contrastive_run(tmp_path / "ckpt", activation_checkpointing=True)
     ckpt.train()
     assert ckpt_model.base_model.model.vision_model.encoder.gradient_checkpointing
     a, b = adapter_state(plain_model), adapter_state(ckpt_model)

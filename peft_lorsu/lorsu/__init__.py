@@ -2,11 +2,28 @@
 
 from ..registry import register
 from .config import LoRSUConfig
+from .families import EncoderFamily, register_encoder_family, unregister_encoder_family
+from .fused import HeadLoRAInProjection
 from .layer import HeadLoRALinear, LoRSULayer, SparseLinear
 from .model import LoRSUModel
+from .ppl import VQACollator, lorsu_ppl_config
 from .probe import probe_lorsu
 from .targets import find_sites
 
 register("lorsu", LoRSUConfig, LoRSUModel, prefix="lorsu_")
 
-__all__ = ["HeadLoRALinear", "LoRSUConfig", "LoRSULayer", "LoRSUModel", "SparseLinear", "find_sites", "probe_lorsu"]
+__all__ = [
+    "EncoderFamily",
+    "HeadLoRAInProjection",
+    "HeadLoRALinear",
+    "LoRSUConfig",
+    "LoRSULayer",
+    "LoRSUModel",
+    "SparseLinear",
+    "VQACollator",
+    "find_sites",
+    "lorsu_ppl_config",
+    "probe_lorsu",
+    "register_encoder_family",
+    "unregister_encoder_family",
+]

@@ -36,16 +36,25 @@ class LoRSULayer(BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = ("lorsu_bias",)
     other_param_names: tuple[str, ...] = ()
+    base_layer_type: type[nn.Module] = nn.Linear
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.lorsu_bias = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        if not isinstance(self.get_base_layer(), self.base_layer_type):
+            raise TypeError(
+                f"{type(self).__name__} wraps {self.base_layer_type.__name__} layers, "
+                f"got {type(self.get_base_layer()).__name__}"
+            )
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
-        if not isinstance(self.get_base_layer(), nn.Linear):
-            raise TypeError(f"LoRSU wraps torch.nn.Linear layers, got {type(self.get_base_layer()).__name__}")
         self.kwargs = kwargs
+
+    def base_weight_and_bias(self) -> tuple[nn.Parameter, nn.Parameter | None]:
+        """The frozen `(d_out, d_in)` weight and `(d_out,)` bias that the deltas apply to (merge target)."""
+        base = self.get_base_layer()
+        return base.weight, base.bias
 
     def _check_index_buffer(self, name: str, adapter: str, loaded: torch.Tensor, upper: int) -> torch.Tensor:
         """Validate an int64 index buffer that a saved adapter brings: same shape as built, values in [0, upper)."""
@@ -65,7 +74,7 @@ class LoRSULayer(BaseTunerLayer):
     def _update_bias(self, adapter_name: str, train_bias: bool, random_init: bool) -> None:
         if not train_bias:
             return
-        if self.get_base_layer().bias is None:
+        if self.base_weight_and_bias()[1] is None:
             raise ValueError(f"train_biases: {self.get_base_layer()} has no bias to train")
         bias = torch.zeros(self.out_features)
         if random_init:
@@ -89,22 +98,22 @@ class LoRSULayer(BaseTunerLayer):
             adapter_names: adapters to merge.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        base = self.get_base_layer()
+        weight, bias = self.base_weight_and_bias()
         for adapter in adapter_names:
             if adapter not in self._all_available_adapter_names():
                 continue
             delta_w = self.get_delta_weight(adapter)
             delta_b = self.lorsu_bias[adapter].detach() if adapter in self.lorsu_bias else None
-            new_w = base.weight.data + delta_w.to(base.weight.dtype) if delta_w is not None else None
-            new_b = base.bias.data + delta_b.to(base.bias.dtype) if delta_b is not None else None
+            new_w = weight.data + delta_w.to(weight.dtype) if delta_w is not None else None
+            new_b = bias.data + delta_b.to(bias.dtype) if delta_b is not None else None
             if safe_merge:
                 for t in (new_w, new_b):
                     if t is not None and not torch.isfinite(t).all():
                         raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems broken")
             if new_w is not None:
-                base.weight.data = new_w
+                weight.data = new_w
             if new_b is not None:
-                base.bias.data = new_b
+                bias.data = new_b
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -112,14 +121,14 @@ class LoRSULayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base = self.get_base_layer()
+        weight, bias = self.base_weight_and_bias()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             delta_w = self.get_delta_weight(adapter)
             if delta_w is not None:
-                base.weight.data = base.weight.data - delta_w.to(base.weight.dtype)
+                weight.data = weight.data - delta_w.to(weight.dtype)
             if adapter in self.lorsu_bias:
-                base.bias.data = base.bias.data - self.lorsu_bias[adapter].detach().to(base.bias.dtype)
+                bias.data = bias.data - self.lorsu_bias[adapter].detach().to(bias.dtype)
 
 
 class LoRSULinear(nn.Module, LoRSULayer):

@@ -7,9 +7,12 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import LoRSUConfig
+from .fused import HeadLoRAInProjection
 from .layer import HeadLoRALinear, LoRSULayer, SparseLinear
 from .selection import num_sparse_values, random_selection
-from .targets import QKV, Site, as_linear, attention_blocks, find_sites
+from .targets import Site, as_linear, attention_blocks, find_sites
+
+LAYER_CLASSES = {"fc1": SparseLinear, "qkv": HeadLoRAInProjection}
 
 
 class LoRSUModel(BaseTuner):
@@ -98,8 +101,7 @@ class LoRSUModel(BaseTuner):
         if isinstance(target, LoRSULayer):
             target.update_layer(adapter_name, **kwargs)
             return
-        layer_cls = SparseLinear if site.role == "fc1" else HeadLoRALinear
-        new_module = layer_cls(target, adapter_name, **kwargs)
+        new_module = LAYER_CLASSES.get(site.role, HeadLoRALinear)(target, adapter_name, **kwargs)
         if adapter_name not in self.active_adapters:
             # adding an additional adapter: it is not automatically trainable
             new_module.requires_grad_(False)
@@ -111,34 +113,44 @@ class LoRSUModel(BaseTuner):
             num_values = 0
             indices = None
             if config.adapt_mlp:
-                num_values = num_sparse_values(as_linear(parent.fc1).weight, config.sparsity)
+                fc1 = getattr(parent, site.name.rpartition(".")[2])
+                num_values = num_sparse_values(as_linear(fc1).weight, config.sparsity)
                 if config.fc1_indices is not None:
                     indices = config.fc1_indices[site.name]
             return {"num_values": num_values, "indices": indices, "train_bias": config.train_biases, "init": init}
         common = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout, "init": init}
         if site.role == "projection":
             return {**common, "heads": None, "train_bias": False}
-        return {
+        heads = {
             **common,
             "heads": config.selected_heads[site.block] if config.adapt_attention else None,
             "head_dim": site.head_dim,
             "low_rank": config.adapt_attention,
             "train_bias": config.train_biases,
-            "factor_owner": self._shared_factor_owner(config, adapter_name, site, parent)
-            if config.adapt_attention
-            else None,
         }
+        if site.role == "qkv":  # one fused in-projection: the factor is shared inside the layer
+            return {**heads, "shared_factor": config.share_qkv_factor}
+        owner = self._shared_factor_owner(config, adapter_name, site, parent) if config.adapt_attention else None
+        return {**heads, "factor_owner": owner}
 
     @staticmethod
     def _shared_factor_owner(config: LoRSUConfig, adapter_name: str, site: Site, parent: nn.Module):
         """The sibling q/k/v layer that already holds this adapter's shared ``V``, if any (else this layer owns it)."""
         if not config.share_qkv_factor:
             return None
-        for role in QKV:
-            sibling = getattr(parent, f"{role}_proj", None)
-            if role != site.role and isinstance(sibling, HeadLoRALinear) and adapter_name in sibling.lorsu_V:
+        for path in site.qkv:
+            sibling = getattr(parent, path.rpartition(".")[2], None)
+            if path != site.name and isinstance(sibling, HeadLoRALinear) and adapter_name in sibling.lorsu_V:
                 return sibling
         return None
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(new_module, nn.MultiheadAttention):
+            # unloading a fused layer: the attention module comes back as it is; peft's default would try to copy a
+            # `.weight` it does not have
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     @torch.no_grad()
     def trainable_parameter_count(self, adapter_name: str = "default") -> int:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import LoRSUConfig
 from .selection import head_scores, num_sparse_values, random_selection, top_k_indices, top_s_entries
-from .targets import QKV, Site, as_linear, attention_blocks, find_sites
+from .targets import Site, as_linear, attention_blocks, find_sites, qkv_gradients, qkv_weights
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +179,9 @@ def probe_lorsu(
         raise ValueError(f"probe_lorsu: num_batches must be >= 1 or None, got {num_batches}")
 
     # Heads are scored on all of q, k and v even if target_modules keeps only some of them.
-    names = [f"{block}.{role}_proj" for block in blocks for role in QKV] if config.adapt_attention else []
-    names += [s.name for s in sites.values() if s.role == "fc1" and config.adapt_mlp]
-    tracked = {name: as_linear(base.get_submodule(name)).weight for name in names}
+    tracked = qkv_weights(base, sites) if config.adapt_attention else {}
+    fc1 = [s.name for s in sites.values() if s.role == "fc1" and config.adapt_mlp]
+    tracked.update({name: as_linear(base.get_submodule(name)).weight for name in fc1})
     if not tracked:
         return config
     loss_fn = loss_fn or default_loss
@@ -253,8 +253,9 @@ def _choose(config: LoRSUConfig, sites: dict[str, Site], grads: dict[str, torch.
         raise ValueError(f"probe_lorsu: the accumulated gradients of {broken} hold NaN or inf")
     if config.adapt_attention:
         selected, scores = {}, {}
+        qkv = qkv_gradients(sites, grads)
         for block, (num_heads, _) in attention_blocks(sites).items():
-            s = head_scores(*(grads[f"{block}.{role}_proj"] for role in QKV), num_heads=num_heads)
+            s = head_scores(*qkv[block], num_heads=num_heads)
             scores[block] = [float(v) for v in s]
             selected[block] = top_k_indices(s, config.top_k_heads)
         config.selected_heads, config.head_scores = selected, scores

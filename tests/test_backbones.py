@@ -183,13 +183,20 @@ class Case:
     build: Callable[[], nn.Module]
     batches: Callable[[], list[dict]]
     output: Callable[[nn.Module, dict], torch.Tensor]
-    block: str  # path of layer 0's attention block (a key of selected_heads), with {i} for the layer index
-    fc1: str  # path of layer 0's fc1, with {i}
-    layers: int = LAYERS  # attention blocks LoRSU adapts
+    layer_list: str  # path of the encoder's layer list
+    attention: str = "self_attn"  # attention block inside a layer (its path is a key of selected_heads)
+    fc1: str = "mlp.fc1"  # the MLP's first linear inside a layer
+    layers: int = LAYERS  # layers LoRSU adapts
     loss: Callable | None = None
     config: dict = field(default_factory=dict)
     projection: str | None = None
     fused: bool = False
+
+    def blocks(self) -> list[str]:
+        return [f"{self.layer_list}.{i}.{self.attention}" for i in range(self.layers)]
+
+    def fc1s(self) -> list[str]:
+        return [f"{self.layer_list}.{i}.{self.fc1}" for i in range(self.layers)]
 
 
 CLIP_CONFIG = tf.CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=16)
@@ -201,24 +208,21 @@ CASES = {
         seeded(lambda: tf.CLIPModel(CLIP_CONFIG)),
         image_text,
         lambda m, b: m(**b).logits_per_image,
-        "vision_model.encoder.layers.{i}.self_attn",
-        "vision_model.encoder.layers.{i}.mlp.fc1",
+        "vision_model.encoder.layers",
         projection="visual_projection",
     ),
     "clip-vision": Case(
         seeded(lambda: tf.CLIPVisionModel(CLIP_CONFIG.vision_config)),
         pixels,
         lambda m, b: m(**b).pooler_output,
-        "encoder.layers.{i}.self_attn",
-        "encoder.layers.{i}.mlp.fc1",
+        "encoder.layers",
         loss=pooled_regression,
     ),
     "clip-vision-projection": Case(
         seeded(lambda: tf.CLIPVisionModelWithProjection(CLIP_CONFIG.vision_config)),
         pixels,
         lambda m, b: m(**b).image_embeds,
-        "vision_model.encoder.layers.{i}.self_attn",
-        "vision_model.encoder.layers.{i}.mlp.fc1",
+        "vision_model.encoder.layers",
         loss=lambda m, b: m(**b).image_embeds.pow(2).mean(),
         projection="visual_projection",
     ),
@@ -226,8 +230,7 @@ CASES = {
         seeded(lambda: tf.CLIPTextModel(CLIP_CONFIG.text_config)),
         lambda: [{"input_ids": b["input_ids"]} for b in image_text()],
         lambda m, b: m(**b).pooler_output,
-        "encoder.layers.{i}.self_attn",
-        "encoder.layers.{i}.mlp.fc1",
+        "encoder.layers",
         layers=2,
         loss=pooled_regression,
         config={"tower": "text"},
@@ -236,15 +239,13 @@ CASES = {
         seeded(lambda: tf.SiglipModel(SIGLIP_CONFIG)),
         image_text,
         lambda m, b: m(**b).logits_per_image,
-        "vision_model.encoder.layers.{i}.self_attn",
-        "vision_model.encoder.layers.{i}.mlp.fc1",
+        "vision_model.encoder.layers",
     ),
     "siglip-text": Case(
         seeded(lambda: tf.SiglipModel(SIGLIP_CONFIG)),
         image_text,
         lambda m, b: m(**b).logits_per_image,
-        "text_model.encoder.layers.{i}.self_attn",
-        "text_model.encoder.layers.{i}.mlp.fc1",
+        "text_model.encoder.layers",
         layers=2,
         config={"tower": "text"},
         projection="text_model.head",
@@ -253,15 +254,13 @@ CASES = {
         seeded(lambda: tf.Siglip2Model(SIGLIP2_CONFIG)),
         siglip2_batches,
         lambda m, b: m(**b).logits_per_image,
-        "vision_model.encoder.layers.{i}.self_attn",
-        "vision_model.encoder.layers.{i}.mlp.fc1",
+        "vision_model.encoder.layers",
     ),
     "siglip2-text": Case(
         seeded(lambda: tf.Siglip2Model(SIGLIP2_CONFIG)),
         siglip2_batches,
         lambda m, b: m(**b).logits_per_image,
-        "text_model.encoder.layers.{i}.self_attn",
-        "text_model.encoder.layers.{i}.mlp.fc1",
+        "text_model.encoder.layers",
         layers=2,
         config={"tower": "text"},
         projection="text_model.head",
@@ -270,30 +269,30 @@ CASES = {
         seeded(lambda: tf.ViTForImageClassification(tf.ViTConfig(**VISION, num_labels=3))),
         labelled,
         lambda m, b: m(**b).logits,
-        "vit.layers.{i}.attention",
-        "vit.layers.{i}.mlp.fc1",
+        "vit.layers",
+        attention="attention",
     ),
     "dinov2": Case(
         seeded(lambda: tf.Dinov2ForImageClassification(tf.Dinov2Config(**VISION, num_labels=3))),
         labelled,
         lambda m, b: m(**b).logits,
-        "dinov2.encoder.layer.{i}.attention",
-        "dinov2.encoder.layer.{i}.mlp.fc1",
+        "dinov2.encoder.layer",
+        attention="attention",
     ),
     "dinov2-swiglu": Case(
         seeded(lambda: tf.Dinov2Model(tf.Dinov2Config(**VISION, use_swiglu_ffn=True))),
         pixels,
         lambda m, b: m(**b).pooler_output,
-        "encoder.layer.{i}.attention",
-        "encoder.layer.{i}.mlp.up_proj",
+        "encoder.layer",
+        attention="attention",
+        fc1="mlp.up_proj",
         loss=pooled_regression,
     ),
     "llava": Case(
         tiny_llava_model,
         llava_batches,
         lambda m, b: m(**b).logits,
-        "model.vision_tower.encoder.layers.{i}.self_attn",
-        "model.vision_tower.encoder.layers.{i}.mlp.fc1",
+        "model.vision_tower.encoder.layers",
         layers=LAYERS - 1,  # vision_feature_layer=-2: the last layer's output is never read
         config={"share_qkv_factor": False, "init_weights": "lora", "adapt_projection": False, "train_biases": False},
     ),
@@ -301,8 +300,9 @@ CASES = {
         seeded(ToyOpenCLIPVisual),
         pixels,
         lambda m, b: m(**b),
-        "transformer.resblocks.{i}.attn",
-        "transformer.resblocks.{i}.mlp.c_fc",
+        "transformer.resblocks",
+        attention="attn",
+        fc1="mlp.c_fc",
         loss=embedding_regression,
         fused=True,
     ),
@@ -310,8 +310,9 @@ CASES = {
         seeded(ToyOpenCLIPVisual),
         pixels,
         lambda m, b: m(**b),
-        "transformer.resblocks.{i}.attn",
-        "transformer.resblocks.{i}.mlp.c_fc",
+        "transformer.resblocks",
+        attention="attn",
+        fc1="mlp.c_fc",
         loss=embedding_regression,
         config={"share_qkv_factor": False},
         fused=True,
@@ -389,10 +390,8 @@ def test_sites_follow_the_family(name):
     model = case.build()
     sites = find_sites(model, make_config(case, selection="random"))
     blocks = sorted({s.block for s in sites.values() if s.role in HEAD_ROLES})
-    assert blocks == sorted(case.block.format(i=i) for i in range(case.layers))
-    assert sorted(s.name for s in sites.values() if s.role == "fc1") == sorted(
-        case.fc1.format(i=i) for i in range(case.layers)
-    )
+    assert blocks == case.blocks()
+    assert sorted(s.name for s in sites.values() if s.role == "fc1") == case.fc1s()
     roles = {s.role for s in sites.values()}
     assert roles == ({"qkv", "fc1"} if case.fused else {"q", "k", "v", "fc1"}) | (
         {"projection"} if case.projection else set()
@@ -407,7 +406,7 @@ def test_probe_wrap_train_save_merge(name, tmp_path):
     model, batches = case.build(), case.batches()
     config = probe_lorsu(model, make_config(case), batches, loss_fn=case.loss, show_progress=False)
     sites = find_sites(model, config)
-    assert sorted(config.selected_heads) == sorted(case.block.format(i=i) for i in range(case.layers))
+    assert sorted(config.selected_heads) == case.blocks()
     assert all(
         len(h) == 2 and len(s) == HEADS for h, s in zip(config.selected_heads.values(), config.head_scores.values())
     )

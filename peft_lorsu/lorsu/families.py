@@ -112,27 +112,19 @@ _BUILTIN = (
         projections={"vision": ("../visual_projection",), "text": ("../text_projection",)},
         notes="CLIPModel, CLIPVisionModel(WithProjection), CLIPTextModel(WithProjection), CLIP towers inside VLMs",
     ),
-    EncoderFamily(
-        name="siglip",
-        towers={
-            "SiglipVisionModel": "vision",
-            "SiglipVisionTransformer": "vision",
-            "SiglipTextModel": "text",
-            "SiglipTextTransformer": "text",
-        },
-        projections={"text": ("head", "text_model.head")},
-        notes="SiglipModel and its towers; the vision tower's attention-pooling head is not adapted",
-    ),
-    EncoderFamily(
-        name="siglip2",
-        towers={
-            "Siglip2VisionModel": "vision",
-            "Siglip2VisionTransformer": "vision",
-            "Siglip2TextModel": "text",
-            "Siglip2TextTransformer": "text",
-        },
-        projections={"text": ("head", "text_model.head")},
-        notes="Siglip2Model and its towers; the vision tower's attention-pooling head is not adapted",
+    *(
+        EncoderFamily(
+            name=name,
+            towers={
+                f"{prefix}VisionModel": "vision",
+                f"{prefix}VisionTransformer": "vision",
+                f"{prefix}TextModel": "text",
+                f"{prefix}TextTransformer": "text",
+            },
+            projections={"text": ("head", "text_model.head")},
+            notes=f"{prefix}Model and its towers; the vision tower's attention-pooling head is not adapted",
+        )
+        for name, prefix in (("siglip", "Siglip"), ("siglip2", "Siglip2"))
     ),
     EncoderFamily(
         name="vit",

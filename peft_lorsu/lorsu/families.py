@@ -213,6 +213,6 @@ def family_of(module: nn.Module) -> tuple[EncoderFamily, str] | None:
 def supported_summary() -> str:
     """One line per registered family, for error messages: ``name (kinds): tower classes``."""
     return "; ".join(
-        f"{f.name} ({'/'.join(f.kinds())}): {', '.join(c.rpartition('.')[2] for c in f.towers)}"
+        f"{f.name} ({'/'.join(f.kinds())}): {', '.join(f.towers)}"
         for f in FAMILIES.values()
     )

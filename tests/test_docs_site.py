@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # come out empty, e.g. after a rename that mkdocstrings resolves to an alias with nothing in it.
 API_ANCHORS = {
     "api/lorsu": ["peft_lorsu.LoRSUConfig", "peft_lorsu.probe_lorsu", "peft_lorsu.LoRSUModel",
-                  "peft_lorsu.HeadLoRALinear", "peft_lorsu.SparseLinear"],
+                  "peft_lorsu.HeadLoRALinear", "peft_lorsu.SparseLinear", "peft_lorsu.lorsu.EncoderFamily"],
     "api/rlp": ["peft_lorsu.RLPConfig", "peft_lorsu.RLPModel", "peft_lorsu.RLPTextEmbedding"],
     "api/objectives": ["peft_lorsu.objectives.ZeroShotClassifier", "peft_lorsu.objectives.class_cross_entropy"],
     "api/trainer": ["peft_lorsu.trainer.ImageTextCollator", "peft_lorsu.trainer.get_lorsu_model"],

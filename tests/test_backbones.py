@@ -677,3 +677,56 @@ def test_existing_clip_adapter_keys_are_unchanged(tmp_path):
         "vision_model.encoder.layers.0.self_attn.q_proj",
     ]
     assert "visual_projection" in config_sites
+
+
+# ------------------------------------------------------------------------------------ RLP on SigLIP's text tower
+
+CTX = [5, 6, 7]  # init text ids; SigLIP's tokenizer writes `text </s> <pad> ...` with no start token
+
+
+def siglip_prompts() -> torch.Tensor:
+    """Two prompts starting with the context ids at position 0 (SigLIP has no start token), and one that does not."""
+    return torch.tensor([[5, 6, 7, 40, 1, 0, 0], [5, 6, 7, 41, 42, 1, 0], [9, 5, 6, 7, 40, 1, 0]])
+
+
+def test_rlp_on_siglip_text_tower(tmp_path):
+    from peft_lorsu import RLPConfig
+
+    model = seeded(lambda: tf.SiglipModel(SIGLIP_CONFIG))()
+    base = copy.deepcopy(model)
+    peft_model = get_peft_model(model, RLPConfig(init_token_ids=CTX, rank=2))
+    layer = peft_model.base_model.model.text_model.embeddings
+    assert layer.context_start == 0
+    ids = siglip_prompts()
+    text = lambda m: m.get_text_features(input_ids=ids).pooler_output  # noqa: E731
+    with torch.no_grad():
+        assert torch.allclose(text(peft_model), text(base), atol=1e-6)  # P starts at the init text's embeddings
+        layer.rlp_B["default"].normal_()
+        embedded = layer(input_ids=ids)
+        plain = base.text_model.embeddings(input_ids=ids)
+    context = layer.get_context("default") + base.text_model.embeddings.position_embedding.weight[:3]
+    assert torch.allclose(embedded[:2, :3], context.expand(2, -1, -1), atol=1e-6)  # positions 0..2 hold the context
+    assert torch.equal(embedded[:2, 3:], plain[:2, 3:]) and torch.equal(embedded[2], plain[2])  # the rest as before
+
+    batch = {"input_ids": ids, "pixel_values": torch.randn(3, 3, 16, 16, generator=_gen(5))}
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+    peft_model(**batch, return_loss=True).loss.backward()
+    optimizer.step()
+    assert sorted(n.rsplit(".", 2)[-2] for n, p in peft_model.named_parameters() if p.requires_grad) == [
+        "rlp_A",
+        "rlp_B",
+    ]
+    with torch.no_grad():
+        adapted = text(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(text(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)), adapted)
+        folded = text(peft_model.merge_and_unload(fold_into_position_embedding=True))
+    assert torch.allclose(folded[:2], adapted[:2], atol=1e-5)  # exact for the prompts that start with the init text
+
+
+def test_rlp_refuses_siglip2_text_tower_with_the_reason():
+    from peft_lorsu import RLPConfig
+
+    with pytest.raises(ValueError, match="RLP cannot adapt Siglip2Model's Siglip2TextEmbeddings: SigLIP2's Gemma"):
+        get_peft_model(tf.Siglip2Model(SIGLIP2_CONFIG), RLPConfig(init_token_ids=CTX))

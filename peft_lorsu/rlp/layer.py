@@ -20,12 +20,21 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+from transformers.models.siglip.modeling_siglip import SiglipTextEmbeddings
 
 from .config import RLPConfig
 
 # Text embedding modules RLP can wrap: they hold `token_embedding` and `position_embedding` and compute
 # `inputs_embeds + position_embedding(position_ids)`, where inputs_embeds defaults to token_embedding(input_ids).
-SUPPORTED_TEXT_EMBEDDINGS: tuple[type[nn.Module], ...] = (CLIPTextEmbeddings,)
+# The context starts after the tokens that open every prompt: CLIP's start token (position 0), none for SigLIP, whose
+# tokenizer writes `text </s> <pad> ...`.
+CONTEXT_START: dict[type[nn.Module], int] = {CLIPTextEmbeddings: 1, SiglipTextEmbeddings: 0}
+SUPPORTED_TEXT_EMBEDDINGS: tuple[type[nn.Module], ...] = tuple(CONTEXT_START)
+# Embeddings of the same shape that RLP refuses, and why.
+UNSUPPORTED_TEXT_EMBEDDINGS = {
+    "Siglip2TextEmbeddings": "SigLIP2's Gemma tokenizer pads on the left, so the context tokens sit at a different "
+    "position in every padded prompt, while RLP writes its context at fixed positions",
+}
 
 WILDCARD_ID = -1
 
@@ -57,6 +66,7 @@ class RLPLayer(BaseTunerLayer):
         if not isinstance(base, SUPPORTED_TEXT_EMBEDDINGS):
             names = ", ".join(cls.__name__ for cls in SUPPORTED_TEXT_EMBEDDINGS)
             raise TypeError(f"RLP wraps CLIP text embeddings ({names}), got {type(base).__name__}")
+        self.context_start = next(start for cls, start in CONTEXT_START.items() if isinstance(base, cls))
         self.width = base.token_embedding.embedding_dim
         self.vocab_size = base.token_embedding.num_embeddings
         self.max_positions = base.position_embedding.num_embeddings
@@ -74,10 +84,11 @@ class RLPLayer(BaseTunerLayer):
                 f"rank={rank} exceeds min(n_ctx, width) = min({n_ctx}, {self.width}); "
                 f"use 1 <= rank <= {min(n_ctx, self.width)}"
             )
-        if n_ctx + 2 > self.max_positions:
+        room = self.max_positions - self.context_start - 1  # the prompt's opening tokens and the end token
+        if n_ctx > room:
             raise ValueError(
                 f"n_ctx={n_ctx} leaves no room for the start and end tokens in a text tower with "
-                f"max_position_embeddings={self.max_positions}; use n_ctx <= {self.max_positions - 2}"
+                f"max_position_embeddings={self.max_positions}; use n_ctx <= {room}"
             )
         ids = config.init_token_ids
         if ids is not None and max(ids) >= self.vocab_size:
@@ -146,20 +157,22 @@ class RLPLayer(BaseTunerLayer):
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
 
         Returns:
-            `torch.BoolTensor` of shape `(batch_size,)`: True where positions ``1 .. n_ctx`` hold the context tokens.
+            `torch.BoolTensor` of shape `(batch_size,)`: True where the ``n_ctx`` positions from
+            ``self.context_start`` (1 for CLIP, 0 for SigLIP) hold the context tokens.
         """
         ids = self.rlp_ctx_ids[adapter_name].to(input_ids.device)
-        n_ctx = ids.shape[0]
+        n_ctx, start = ids.shape[0], self.context_start
         wildcard = ids == WILDCARD_ID
-        if input_ids.shape[1] < n_ctx + 2:
+        if input_ids.shape[1] < start + n_ctx + 1:
             if bool(wildcard.all()):
                 raise ValueError(
                     f"adapter {adapter_name!r} has no init text, so it writes its n_ctx={n_ctx} context vectors into "
-                    f"positions 1..{n_ctx} of every prompt, but the sequences have only {input_ids.shape[1]} tokens; "
+                    f"positions {start}..{start + n_ctx - 1} of every prompt, but the sequences have only "
+                    f"{input_ids.shape[1]} tokens; "
                     "write each prompt with n_ctx placeholder words after the start token"
                 )
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        window = input_ids[:, 1 : n_ctx + 1]
+        window = input_ids[:, start : start + n_ctx]
         return ((window == ids) | wildcard).all(dim=1)
 
 
@@ -227,7 +240,7 @@ class RLPTextEmbedding(nn.Module, RLPLayer):
             context = self.get_context(name).to(weight.dtype)
             delta = context - base.token_embedding.weight[ids].to(weight.dtype)
             folded = weight.detach().clone()
-            folded[1 : ids.shape[0] + 1] += delta
+            folded[self.context_start : self.context_start + ids.shape[0]] += delta
             if safe_merge and not torch.isfinite(folded).all():
                 raise ValueError(f"NaNs detected in the folded position embeddings. The adapter {name} seems broken")
             weight.copy_(folded)
@@ -266,9 +279,9 @@ class RLPTextEmbedding(nn.Module, RLPLayer):
             if not bool(match.any()):
                 continue
             context = self._forward_context(name).to(embeds.device, embeds.dtype)
-            n_ctx = context.shape[0]
+            start, end = self.context_start, self.context_start + context.shape[0]
             with_context = torch.cat(
-                [embeds[:, :1], context.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds[:, n_ctx + 1 :]], dim=1
+                [embeds[:, :start], context.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds[:, end:]], dim=1
             )
             embeds = torch.where(match[:, None, None], with_context, embeds)
         return base(input_ids=None, position_ids=position_ids, inputs_embeds=embeds)

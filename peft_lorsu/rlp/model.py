@@ -7,9 +7,9 @@ from peft.tuners.tuners_utils import BaseTuner, _is_key_under_prefixes
 from torch import nn
 
 from .config import RLPConfig
-from .layer import SUPPORTED_TEXT_EMBEDDINGS, RLPLayer, RLPTextEmbedding
+from .layer import SUPPORTED_TEXT_EMBEDDINGS, UNSUPPORTED_TEXT_EMBEDDINGS, RLPLayer, RLPTextEmbedding
 
-SUPPORTED_MODELS = "CLIPModel, CLIPTextModel, CLIPTextModelWithProjection"
+SUPPORTED_MODELS = "CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, SiglipModel, SiglipTextModel"
 
 
 def find_text_embeddings(model: nn.Module) -> list[str]:
@@ -58,6 +58,10 @@ class RLPModel(BaseTuner):
 
     def _prepare_model(self, peft_config: RLPConfig, model: nn.Module) -> None:
         names = find_text_embeddings(model)
+        refused = {type(m).__name__ for m in model.modules()} & set(UNSUPPORTED_TEXT_EMBEDDINGS)
+        if not names and refused:
+            name = sorted(refused)[0]
+            raise ValueError(f"RLP cannot adapt {type(model).__name__}'s {name}: {UNSUPPORTED_TEXT_EMBEDDINGS[name]}")
         if not names:
             raise ValueError(
                 f"RLP adapts the text embeddings (CLIPTextEmbeddings) of a CLIP text tower, and "

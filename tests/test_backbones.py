@@ -203,6 +203,17 @@ CLIP_CONFIG = tf.CLIPConfig(vision_config=VISION, text_config=TEXT, projection_d
 SIGLIP_CONFIG = tf.SiglipConfig(vision_config=VISION, text_config=TEXT)
 SIGLIP2_CONFIG = tf.Siglip2Config(vision_config={**VISION, "num_patches": 4}, text_config=TEXT)
 
+
+def siglip_cases(name: str, model_cls: type, config, batches: Callable[[], list[dict]]) -> dict[str, Case]:
+    """A SigLIP-style model's vision tower (no projection) and text tower (its ``head`` is the projection)."""
+    build, logits = seeded(lambda: model_cls(config)), lambda m, b: m(**b).logits_per_image
+    text = {"layers": 2, "config": {"tower": "text"}, "projection": "text_model.head"}
+    return {
+        name: Case(build, batches, logits, "vision_model.encoder.layers"),
+        f"{name}-text": Case(build, batches, logits, "text_model.encoder.layers", **text),
+    }
+
+
 CASES = {
     "clip": Case(
         seeded(lambda: tf.CLIPModel(CLIP_CONFIG)),
@@ -235,36 +246,8 @@ CASES = {
         loss=pooled_regression,
         config={"tower": "text"},
     ),
-    "siglip": Case(
-        seeded(lambda: tf.SiglipModel(SIGLIP_CONFIG)),
-        image_text,
-        lambda m, b: m(**b).logits_per_image,
-        "vision_model.encoder.layers",
-    ),
-    "siglip-text": Case(
-        seeded(lambda: tf.SiglipModel(SIGLIP_CONFIG)),
-        image_text,
-        lambda m, b: m(**b).logits_per_image,
-        "text_model.encoder.layers",
-        layers=2,
-        config={"tower": "text"},
-        projection="text_model.head",
-    ),
-    "siglip2": Case(
-        seeded(lambda: tf.Siglip2Model(SIGLIP2_CONFIG)),
-        siglip2_batches,
-        lambda m, b: m(**b).logits_per_image,
-        "vision_model.encoder.layers",
-    ),
-    "siglip2-text": Case(
-        seeded(lambda: tf.Siglip2Model(SIGLIP2_CONFIG)),
-        siglip2_batches,
-        lambda m, b: m(**b).logits_per_image,
-        "text_model.encoder.layers",
-        layers=2,
-        config={"tower": "text"},
-        projection="text_model.head",
-    ),
+    **siglip_cases("siglip", tf.SiglipModel, SIGLIP_CONFIG, image_text),
+    **siglip_cases("siglip2", tf.Siglip2Model, SIGLIP2_CONFIG, siglip2_batches),
     "vit": Case(
         seeded(lambda: tf.ViTForImageClassification(tf.ViTConfig(**VISION, num_labels=3))),
         labelled,

@@ -482,6 +482,21 @@ def test_fused_refuses_dropout_and_disables_cleanly():
         assert torch.allclose(run_output(case, peft_model, batch), run_output(case, base, batch), atol=1e-6)
 
 
+def test_fused_load_refuses_heads_edited_in_the_config(tmp_path):
+    import json
+
+    case = CASES["openclip-layout"]
+    model = case.build()
+    config = probe_lorsu(model, make_config(case), case.batches(), loss_fn=case.loss, show_progress=False)
+    get_peft_model(model, config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    block = "transformer.resblocks.0.attn"
+    saved["selected_heads"][block] = [h for h in range(HEADS) if h not in saved["selected_heads"][block]][:2]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="(?s)lorsu_rows.* disagree with the selected_heads"):
+        PeftModel.from_pretrained(case.build(), tmp_path)
+
+
 def test_real_openclip_vision_transformer():
     open_clip = pytest.importorskip(
         "open_clip",

@@ -8,6 +8,15 @@ first, squared later: not a per-sample Fisher). Head ``h`` of a layer scores ``|
 
 Memory: only the tracked weights require grad during the probe, and a post-accumulate hook moves each gradient into
 an fp32 running sum and frees it at once, so at most one weight-sized gradient exists at a time besides the sums.
+
+Distributed: when ``torch.distributed`` is initialised every process probes its own shard of the data and the
+processes advance in lock-step. After each batch a 3-number status (has a batch, its size, failed) is summed over the
+ranks, so all of them stop at the same step: when every shard is exhausted (a rank whose shard ends early waits for
+the others without contributing), after ``num_batches`` steps, or once the *global* sample count reaches
+``probe_samples`` and the *globally* summed gradients have no zero entry. The sums are then all-reduced once and each
+rank makes the same choice from the same numbers; with the whole data probed that choice equals a single process
+probing all shards, up to floating-point summation order. An error on one rank (NaN loss, no gradient path, an
+exception in ``loss_fn``) is reported to all ranks instead of leaving them waiting in a collective.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import all_reduce_sum_, any_rank, distributed_info, is_distributed, is_fsdp_wrapped
 from .config import LoRSUConfig
 from .selection import head_scores, num_sparse_values, random_selection, top_k_indices, top_s_entries
 from .targets import Site, as_linear, attention_blocks, find_sites, qkv_gradients, qkv_weights
@@ -40,6 +50,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.get_base_model()
         else:
             return model
+
+
+def _strip_data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` without its outer DDP / DataParallel wrappers: the probe must not trigger their gradient sync.
+
+    DDP would average each batch's gradients over the ranks inside backward (a collective every rank must join,
+    although shards may end at different steps) and expects gradients for every parameter it registered, while the
+    probe freezes all but the tracked weights; the probe reduces its own sums once at the end instead.
+    """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
@@ -115,23 +137,16 @@ class _GradientSums:
 
         return hook
 
-    def has_zero_entries(self) -> bool:
-        return any(bool((s == 0).any()) for s in self.sums.values())
+    def complete(self, tracked: dict[str, nn.Parameter], device: torch.device) -> dict[str, torch.Tensor]:
+        """The sums of every tracked weight, zeros for those no batch reached (a rank whose shard was empty)."""
+        for name in tracked:
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(tracked[name].shape, dtype=torch.float32, device=device)
+        return self.sums
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def _all_reduce(sums: dict[str, torch.Tensor], num_samples: int, device: torch.device) -> int:
-    """Sum the statistics over processes so every rank makes the same choice (no-op when not distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return num_samples
-    for name in sorted(sums):
-        torch.distributed.all_reduce(sums[name])
-    count = torch.tensor([num_samples], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(count)
-    return int(count.item())
 
 
 def probe_lorsu(
@@ -147,20 +162,32 @@ def probe_lorsu(
     Call it before ``get_peft_model(model, config)``. The model is left as it was found: weights, ``requires_grad``
     flags, ``.grad`` tensors and train/eval modes.
 
+    Under ``torch.distributed`` (e.g. ``accelerate launch``) call it on every process with that process's shard of
+    the data: the gradient sums and sample counts are all-reduced, every process writes the same selection into its
+    ``config``, and a DDP wrapper around ``model`` is bypassed (``loss_fn`` receives the module inside it). Probe
+    before sharding the model with FSDP.
+
     Args:
         model: the model to adapt (``CLIPModel``, ``CLIPVisionModel``, ... or a wrapper around one).
         config: the LoRSU configuration; ``selected_heads``, ``head_scores`` and the fc1 indices are written to it.
         dataloader: iterable of dict batches of model keyword arguments (``pixel_values``, ``input_ids``, ...).
             Not needed for ``config.selection == "random"``.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default: the model's own loss with ``return_loss=True``.
-        num_batches: stop after this many batches; by default the probe stops once ``config.probe_samples``
-            samples are seen and no accumulated entry is zero, or when the data ends.
-        show_progress: show a tqdm bar.
+        num_batches: stop after this many batches (per process when distributed); by default the probe stops once
+            ``config.probe_samples`` samples are seen (over all processes) and no accumulated entry is zero, or when
+            the data ends (on every process).
+        show_progress: show a tqdm bar (on the first process only).
 
     Raises:
         ValueError: empty dataloader, a batch with no gradient path to a targeted layer, NaN/inf gradients,
-            ``top_k_heads`` larger than a layer's heads, or nothing to target.
+            ``top_k_heads`` larger than a layer's heads, nothing to target, or a model already sharded by FSDP.
+        RuntimeError: another process failed during the probe (that process raises its own error).
     """
+    if is_fsdp_wrapped(model):
+        raise ValueError(
+            "probe_lorsu: the model is sharded by FSDP; probe the unsharded model (on every process) before "
+            "get_peft_model and FSDP wrapping"
+        )
     base = unwrap_model(model)
     sites = find_sites(base, config)
     blocks = attention_blocks(sites)
@@ -191,7 +218,7 @@ def probe_lorsu(
     )
     _choose(config, sites, grads)
     logger.info(
-        "LoRSU probe: %d samples in %d batches; heads per layer: %s",
+        "LoRSU probe: %d samples in %d batches (per process); heads per layer: %s",
         num_samples,
         batches,
         list((config.selected_heads or {}).values()),
@@ -210,40 +237,117 @@ def _accumulate(
     device: torch.device,
     show_progress: bool,
 ) -> tuple[dict[str, torch.Tensor], int, int]:
-    """Run the probe's pass; return the mean gradients `{name: (d_out, d_in)}`, samples seen and batches used."""
-    num_samples = batches = 0
+    """Run the probe's pass; return the mean gradients `{name: (d_out, d_in)}`, samples seen and steps taken.
+
+    Samples are counted over all processes; a step is one batch on every process that still has data.
+    """
+    rank, world = distributed_info()
+    forward_model = _strip_data_parallel(model)
     total = num_batches if num_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+    bar = tqdm(total=total, desc="LoRSU probe", disable=not show_progress or rank != 0, unit="batch")
+    num_samples = steps = 0
     with _probe_state(base, tracked.values()):
         sums = _GradientSums(tracked)  # hooks need requires_grad, which _probe_state has just set
         try:
-            for batch in tqdm(dataloader, total=total, desc="LoRSU probe", disable=not show_progress, unit="batch"):
-                batch_size = _batch_size(batch)
-                loss = loss_fn(model, _to_device(batch, device))
-                if not torch.isfinite(loss):
-                    raise ValueError(f"probe_lorsu: the loss of batch {batches} is {loss.item()}")
-                sums.seen_in_batch.clear()
-                if loss.requires_grad:
-                    (loss * batch_size).backward()
-                unreached = sorted(set(tracked) - sums.seen_in_batch)
-                if unreached:
-                    raise ValueError(
-                        f"probe_lorsu: batch {batches} has no gradient path to {unreached[:3]}"
-                        f"{' and others' if len(unreached) > 3 else ''}; check that the loss depends on the targeted "
-                        "tower (e.g. pixel_values for the vision tower)"
-                    )
-                num_samples += batch_size
-                batches += 1
+            batches = iter(dataloader)
+            exhausted = False
+            while True:
+                has_batch, batch_size, error = False, 0, None
+                try:
+                    batch = None if exhausted else next(batches, None)
+                    exhausted = batch is None
+                    if batch is not None:
+                        has_batch = True
+                        batch_size = _probe_batch(forward_model, batch, loss_fn, tracked, sums, steps, device)
+                        bar.update(1)
+                except Exception as exc:  # reported to every rank below, then re-raised here
+                    if world == 1:
+                        raise
+                    error = exc
+                active, step_samples = _agree_on_step(has_batch, batch_size, error, steps, device)
+                if not active:
+                    break
+                num_samples += step_samples
+                steps += 1
                 if num_batches is not None:
-                    if batches >= num_batches:
+                    if steps >= num_batches:
                         break
-                elif num_samples >= min_samples and not sums.has_zero_entries():
+                elif num_samples >= min_samples and not _has_zero_entries(sums.complete(tracked, device)):
                     break
         finally:
             sums.remove()
-    if batches == 0:
-        raise ValueError("probe_lorsu: the dataloader yielded no batches")
-    num_samples = _all_reduce(sums.sums, num_samples, device)
-    return {name: s.div_(num_samples) for name, s in sums.sums.items()}, num_samples, batches
+            bar.close()
+    if num_samples == 0:
+        where = f" on any of the {world} processes" if world > 1 else ""
+        raise ValueError(f"probe_lorsu: the dataloader yielded no batches{where}")
+    grads = sums.complete(tracked, device)
+    for name in sorted(grads):  # the same order on every rank
+        all_reduce_sum_(grads[name])
+    return {name: s.div_(num_samples) for name, s in grads.items()}, num_samples, steps
+
+
+def _probe_batch(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    loss_fn: LossFn,
+    tracked: dict[str, nn.Parameter],
+    sums: _GradientSums,
+    step: int,
+    device: torch.device,
+) -> int:
+    """Add ``batch_size * grad`` of one batch to ``sums``; return the batch size."""
+    batch_size = _batch_size(batch)
+    loss = loss_fn(model, _to_device(batch, device))
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"probe_lorsu: loss_fn must return a scalar tensor, got {got} for batch {step}")
+    if not torch.isfinite(loss):
+        raise ValueError(f"probe_lorsu: the loss of batch {step} is {loss.item()}")
+    sums.seen_in_batch.clear()
+    if loss.requires_grad:
+        (loss * batch_size).backward()
+    unreached = sorted(set(tracked) - sums.seen_in_batch)
+    if unreached:
+        raise ValueError(
+            f"probe_lorsu: batch {step} has no gradient path to {unreached[:3]}"
+            f"{' and others' if len(unreached) > 3 else ''}; check that the loss depends on the targeted "
+            "tower (e.g. pixel_values for the vision tower)"
+        )
+    return batch_size
+
+
+def _agree_on_step(
+    has_batch: bool, batch_size: int, error: Exception | None, step: int, device: torch.device
+) -> tuple[bool, int]:
+    """Share one step's outcome between the processes: ``(any rank had a batch, samples over all ranks)``.
+
+    Raises the local ``error`` on the rank that had it and a ``RuntimeError`` on the others, so that no rank is left
+    waiting in a collective the failed one never joins.
+    """
+    if not is_distributed():
+        return has_batch, batch_size
+    status = torch.tensor([int(has_batch), batch_size, int(error is not None)], dtype=torch.int64, device=device)
+    all_reduce_sum_(status)
+    active, samples, failed = (int(v) for v in status.tolist())
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(
+            f"probe_lorsu: {failed} other process(es) failed at batch {step}; their error is in their own log"
+        )
+    return active > 0, samples
+
+
+def _has_zero_entries(sums: dict[str, torch.Tensor]) -> bool:
+    """Whether the sums, added over all processes, hold an exact zero (the same answer on every rank)."""
+    distributed = is_distributed()
+    found = False
+    device = torch.device("cpu")
+    for name in sorted(sums):
+        total = all_reduce_sum_(sums[name].clone()) if distributed else sums[name]
+        found = found or bool((total == 0).any())
+        device = total.device
+    return any_rank(found, device)
 
 
 def _choose(config: LoRSUConfig, sites: dict[str, Site], grads: dict[str, torch.Tensor]) -> None:

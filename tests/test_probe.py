@@ -184,3 +184,20 @@ def test_probe_errors_and_restores_state_on_failure():
             [{"pixel_values": torch.randn(2, 3, 16, 16)}],
             show_progress=False,
         )
+
+
+def test_loading_a_random_adapter_keeps_its_saved_heads(tmp_path):
+    """A random selection is drawn once; a reload takes the heads from the JSON even if the seed would differ."""
+    import json
+
+    from peft import PeftModel, get_peft_model
+
+    model = tiny_clip(layers=4)
+    reference = copy.deepcopy(model)
+    config = LoRSUConfig(r=2, selection="random", seed=5)
+    get_peft_model(model, config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    saved["seed"] = 6  # a different seed must not re-draw the stored heads
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(reference, tmp_path)
+    assert loaded.peft_config["default"].selected_heads == config.selected_heads

@@ -63,14 +63,17 @@ def check_top_k_heads(config: LoRSUConfig, blocks: dict[str, tuple[int, int]]) -
 
 
 def random_selection(model: nn.Module, config: LoRSUConfig, sites: dict[str, Site]) -> None:
-    """Fill ``config`` with heads and fc1 entries drawn at random from ``config.seed`` (ablation; needs no data)."""
+    """Fill what ``config`` lacks with heads and fc1 entries drawn at random from ``config.seed`` (ablation; needs
+    no data). A part that is already there is kept: when a saved random adapter is loaded, its heads come from
+    ``adapter_config.json`` and its fc1 entries from the weights file, never from a new draw."""
     generator = torch.Generator().manual_seed(config.seed)
-    if config.adapt_attention:
-        config.selected_heads = {
-            block: sorted(torch.randperm(num_heads, generator=generator)[: config.top_k_heads].tolist())
-            for block, (num_heads, _) in attention_blocks(sites).items()
-        }
-    if config.adapt_mlp:
+    heads = {
+        block: sorted(torch.randperm(num_heads, generator=generator)[: config.top_k_heads].tolist())
+        for block, (num_heads, _) in attention_blocks(sites).items()
+    }
+    if config.adapt_attention and config.selected_heads is None:
+        config.selected_heads = heads
+    if config.adapt_mlp and config.fc1_indices is None:
         config.fc1_indices = {}
         for site in sites.values():
             if site.role == "fc1":

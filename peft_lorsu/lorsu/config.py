@@ -12,6 +12,7 @@ from ..registry import add_peft_type
 
 TOWERS = ("vision", "text", "both")
 SELECTIONS = ("gradient", "random")
+HEAD_SCORINGS = ("gradient", "fisher", "random", "custom")
 INIT_CHOICES = (True, False, "lorsu", "lora")
 
 
@@ -66,8 +67,13 @@ class LoRSUConfig(PeftConfig):
         selection (`str`, defaults to `"gradient"`):
             ``"gradient"``: heads and fc1 entries come from :func:`probe_lorsu`. ``"random"``: chosen at random
             from ``seed`` without data (ablation).
+        head_scoring (`str`, defaults to `"gradient"`):
+            How the probe ranks heads (see :mod:`peft_lorsu.lorsu.scoring`): ``"gradient"`` (the paper: squared norm
+            of each head's mean q/k/v gradient), ``"fisher"`` (mean squared norm of each head's per-sample
+            gradients), ``"random"`` (seeded; fc1 still by gradient) or ``"custom"`` (recorded when a scoring function
+            is passed to ``probe_lorsu(head_scorer=...)``). fc1 entries always follow the mean gradient.
         seed (`int`, defaults to 0):
-            Seed of the random selection.
+            Seed of the random selection (and of ``head_scoring="random"``).
         probe_samples (`int`, defaults to 1000):
             The probe stops once it has seen at least this many samples and no accumulated gradient entry is zero
             (or when the dataloader ends, or after ``num_batches``).
@@ -103,6 +109,10 @@ class LoRSUConfig(PeftConfig):
     )
     selection: Literal["gradient", "random"] = field(
         default="gradient", metadata={"help": "'gradient' (probe_lorsu) or 'random' (seeded ablation)."}
+    )
+    head_scoring: Literal["gradient", "fisher", "random", "custom"] = field(
+        default="gradient",
+        metadata={"help": "Head ranking of the probe: 'gradient' (paper), 'fisher', 'random' or 'custom'."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random selection."})
     probe_samples: int = field(default=1000, metadata={"help": "Minimum samples the probe accumulates."})
@@ -140,6 +150,7 @@ class LoRSUConfig(PeftConfig):
         check(_is_number(self.sparsity) and 0 < self.sparsity <= 1, "sparsity", "in (0, 1]")
         check(self.tower in TOWERS, "tower", f"one of {TOWERS}")
         check(self.selection in SELECTIONS, "selection", f"one of {SELECTIONS}")
+        check(self.head_scoring in HEAD_SCORINGS, "head_scoring", f"one of {HEAD_SCORINGS}")
         check(self.init_weights in INIT_CHOICES, "init_weights", f"one of {INIT_CHOICES}")
         check(isinstance(self.probe_samples, int) and self.probe_samples >= 1, "probe_samples", "an integer >= 1")
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):

@@ -156,6 +156,7 @@ def probe_lorsu(
     loss_fn: LossFn | None = None,
     num_batches: int | None = None,
     show_progress: bool = True,
+    head_scorer: Callable[..., torch.Tensor] | None = None,
 ) -> LoRSUConfig:
     """Choose LoRSU's heads and fc1 entries from gradients and record them in ``config`` (returned).
 
@@ -173,6 +174,11 @@ def probe_lorsu(
         dataloader: iterable of dict batches of model keyword arguments (``pixel_values``, ``input_ids``, ...).
             Not needed for ``config.selection == "random"``.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default: the model's own loss with ``return_loss=True``.
+            It may also return per-sample losses `(batch_size,)` (their mean is used); ``head_scoring='fisher'``
+            needs that form (the default loss provides it for CLIP).
+        head_scorer: rank the heads with this function instead of ``config.head_scoring``: it receives each
+            block's :class:`~peft_lorsu.lorsu.scoring.HeadStatistics` and returns `(H,)` scores; the config then
+            records ``head_scoring='custom'``. fc1 entries are chosen by the mean gradient in every case.
         num_batches: stop after this many batches (per process when distributed); by default the probe stops once
             ``config.probe_samples`` samples are seen (over all processes) and no accumulated entry is zero, or when
             the data ends (on every process).
@@ -211,12 +217,17 @@ def probe_lorsu(
     tracked.update({name: as_linear(base.get_submodule(name)).weight for name in fc1})
     if not tracked:
         return config
-    loss_fn = loss_fn or default_loss
+    from .scoring import probe_losses, rescore_heads, resolve_scorer  # scoring builds on this module
+
+    if config.adapt_attention and (head_scorer is not None or config.head_scoring != "gradient"):
+        resolve_scorer(config, head_scorer)  # fail before the pass, not after it
+    per_sample_loss_fn, loss_fn = probe_losses(config, loss_fn, default_loss)
     device = next(iter(tracked.values())).device
     grads, num_samples, batches = _accumulate(
         model, base, tracked, dataloader, loss_fn, num_batches, config.probe_samples, device, show_progress
     )
     _choose(config, sites, grads)
+    rescore_heads(model, config, sites, grads, num_samples, dataloader, per_sample_loss_fn, batches, head_scorer)
     logger.info(
         "LoRSU probe: %d samples in %d batches (per process); heads per layer: %s",
         num_samples,

@@ -24,9 +24,11 @@ DATASET_HELP = (
 )
 
 
-def _lorsu_config(args: argparse.Namespace):
+def _lorsu_config(args: argparse.Namespace, model=None):
     from .lorsu import LoRSUConfig
 
+    if getattr(args, "budget", None) is not None:
+        return _budget_config(args, model)
     return LoRSUConfig(
         r=args.r,
         lora_alpha=args.lora_alpha,
@@ -36,6 +38,29 @@ def _lorsu_config(args: argparse.Namespace):
         selection=args.selection,
         seed=args.seed,
     )
+
+
+def _budget_config(args: argparse.Namespace, model):
+    """``--budget N``: r, top_k_heads and sparsity chosen for N trainable parameters; prints the choice."""
+    from .lorsu import LoRSUConfig
+    from .lorsu.budget import count_trainable
+
+    try:
+        config = LoRSUConfig.from_budget(
+            model,
+            trainable_params=args.budget,
+            layers_to_transform=args.layers,
+            selection=args.selection,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        raise SystemExit(f"peft-lorsu: --budget {args.budget}: {error}") from error
+    count = count_trainable(model, config)
+    print(
+        f"budget {args.budget:,}: r={config.r}, top_k_heads={config.top_k_heads}, sparsity={config.sparsity:.6f}, "
+        f"lora_alpha={config.lora_alpha:g} -> {count:,} trainable parameters ({100 * (count / args.budget - 1):+.2f}%)"
+    )
+    return config
 
 
 def _train_data(args: argparse.Namespace, model, tokenizer) -> list[dict]:
@@ -69,7 +94,7 @@ def _probe(args: argparse.Namespace) -> int:
     from .trainer import class_prompt_probe_loss
 
     model, tokenizer = load_clip(args.model)
-    config = _lorsu_config(args)
+    config = _lorsu_config(args, model)
     batches = _train_data(args, model, tokenizer)
     loss_fn = class_prompt_probe_loss if args.loss == "class_ce" else None
     probe_lorsu(model, config, batches, loss_fn=loss_fn, num_batches=args.num_batches)
@@ -95,7 +120,7 @@ def _train(args: argparse.Namespace) -> int:
     from .training import fit
 
     model, tokenizer = load_clip(args.model)
-    config = _lorsu_config(args)
+    config = _lorsu_config(args, model)
     batches = _train_data(args, model, tokenizer)
     loss_fn = class_prompt_probe_loss if args.loss == "class_ce" else None
     probe_lorsu(model, config, batches, loss_fn=loss_fn)
@@ -200,6 +225,14 @@ def _add_lorsu_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k-heads", type=int, default=2, help="attention heads adapted per layer (default: 2)")
     group.add_argument("--sparsity", type=float, default=0.1, help="fraction of fc1 entries trained (default: 0.1)")
     group.add_argument("--layers", type=int, nargs="+", default=None, help="encoder layers to adapt (default: all)")
+    group.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="trainable-parameter budget: choose r, top-k heads and sparsity so the count lands within 1%% of N "
+        "(replaces --r, --lora-alpha, --top-k-heads and --sparsity; see docs/advanced.md)",
+    )
     group.add_argument(
         "--selection",
         choices=("gradient", "random"),

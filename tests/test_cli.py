@@ -76,3 +76,19 @@ def test_continual_compares_methods(tiny_assets, tmp_path, capsys):
     assert {"lorsu.json", "lorsu.csv", "zero_shot.json", "sessions.png"} <= {p.name for p in out.iterdir()}
     summary = capsys.readouterr().out
     assert "lorsu" in summary and "zero_shot" in summary and "TI" in summary
+
+
+def test_budget_option_reports_and_applies_the_choice(tiny_assets, tmp_path, capsys):
+    assert main(["probe", "--model", str(tiny_assets), "--budget", "3000", "--batch-size", "8"]) == 0
+    expected = "budget 3,000: r=4, top_k_heads=1, sparsity=0.498047, lora_alpha=4 -> 3,000 trainable parameters"
+    assert expected in capsys.readouterr().out
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", str(tiny_assets), "--budget", "2000", "--epochs", "1", "--output-dir",
+                 str(adapter)]) == 0
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    printed = capsys.readouterr().out
+    assert f"r={saved['r']}, top_k_heads={saved['top_k_heads']}" in printed
+    trainable = int(printed.split("trainable params: ")[1].split()[0].replace(",", ""))
+    assert abs(trainable - 2000) <= 20
+    with pytest.raises(SystemExit, match=r"--budget 50: LoRSUConfig.from_budget: trainable_params=50 is outside"):
+        main(["probe", "--model", str(tiny_assets), "--budget", "50"])

@@ -198,6 +198,26 @@ class LoRSUConfig(PeftConfig):
                 stacklevel=2,
             )
 
+    @classmethod
+    def from_budget(
+        cls, model, trainable_params: int, attention_share: float | None = None, **fixed
+    ) -> LoRSUConfig:
+        """A config for ``model`` whose trainable count lies within 1% of ``trainable_params``.
+
+        ``r`` (a power of two), ``top_k_heads`` and ``sparsity`` are chosen so that the low-rank updates get the
+        paper's share of the budget left after the biases (``attention_share``, default about 0.25) and fc1 the rest;
+        see :mod:`peft_lorsu.lorsu.budget` for the rule and the closed-form count. ``fixed`` holds any other field
+        (``adapt_projection=False``, ``tower="both"``, ``layers_to_transform=[...]``, or ``r`` / ``top_k_heads`` /
+        ``sparsity`` to keep fixed); ``lora_alpha`` defaults to the chosen ``r``.
+
+        Raises:
+            ValueError: a budget below the smallest or above the largest count these settings reach (both given in
+                the message), or no combination within 1%.
+        """
+        from .budget import config_for_budget  # budget builds on the target finder, which imports this module
+
+        return config_for_budget(model, trainable_params, attention_share=attention_share, **fixed)
+
     @property
     def resolved_init(self) -> bool | str:
         """The init scheme after resolving ``True`` to the variant's default."""

@@ -5,6 +5,7 @@ Importing the package registers both methods with PEFT, after which ``get_peft_m
 """
 
 from .hub import install_model_card_hook, record_card_info
+from .joint import LoRSURLPConfig, LoRSURLPModel
 from .lorsu import HeadLoRALinear, LoRSUConfig, LoRSULayer, LoRSUModel, SparseLinear, probe_lorsu
 from .objectives import (
     BaseToNewResult,
@@ -29,6 +30,8 @@ __all__ = [
     "LoRSUConfig",
     "LoRSULayer",
     "LoRSUModel",
+    "LoRSURLPConfig",
+    "LoRSURLPModel",
     "RLPConfig",
     "RLPModel",
     "RLPTextEmbedding",

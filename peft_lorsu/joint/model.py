@@ -1,0 +1,151 @@
+"""LoRSURLPModel: LoRSU layers in the image tower and the RLP prompt in the text tower, as one PEFT tuner.
+
+The tuner owns no layer type of its own: it runs LoRSU's and RLP's own preparation and layer creation on the two parts
+of its config (the way peft's ``MixedModel`` reuses LoRA's), so the layers, their saved tensors and their checks are
+exactly those of a LoRSU and an RLP adapter. peft 0.21 saves, loads and freezes structurally (every tuner layer's
+adapter tensors), which is what makes one adapter with two layer families work without further hooks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import get_peft_model_state_dict
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
+from torch import nn
+
+from ..lorsu.layer import LoRSULayer
+from ..lorsu.model import LoRSUModel
+from ..rlp.layer import RLPLayer
+from ..rlp.model import RLPModel
+from .config import LoRSURLPConfig
+
+PART_PREFIXES = {"lorsu": LoRSUModel.prefix, "rlp": RLPModel.prefix}
+
+
+class LoRSURLPModel(BaseTuner):
+    """Adds a LoRSU adapter to the image encoder and an RLP prompt to the text encoder of one CLIP model.
+
+    Built by ``get_peft_model(clip, LoRSURLPConfig(lorsu=..., rlp=...))`` after ``import peft_lorsu``. Everything
+    peft offers for a single tuner works on the pair: training both parts at once, ``save_pretrained`` /
+    ``PeftModel.from_pretrained`` (one folder), ``disable_adapter()``, ``merge_adapter()``, ``unload()``, several
+    named adapters. ``merge_and_unload`` follows RLP: the prompt can only be folded into the position embeddings,
+    so it needs ``fold_into_position_embedding=True``.
+
+    Example:
+
+        ```py
+        >>> lorsu = probe_lorsu(clip, LoRSUConfig(r=8, top_k_heads=2), batches, loss_fn=class_prompt_probe_loss)
+        >>> rlp = RLPConfig(init_text="a photo of a", tokenizer_name_or_path=path, rank=1)
+        >>> model = get_peft_model(clip, LoRSURLPConfig(lorsu=lorsu, rlp=rlp))
+        ```
+    """
+
+    prefix: str = "lorsu_rlp_"
+    tuner_layer_cls = (LoRSULayer, RLPLayer)
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # LoRSU's helpers, run on this tuner by LoRSUModel's _prepare_model / _create_and_replace below
+    _check_selection = LoRSUModel.__dict__["_check_selection"]
+    _shared_factor_owner = LoRSUModel.__dict__["_shared_factor_owner"]
+    _layer_kwargs = LoRSUModel._layer_kwargs
+
+    def _prepare_adapter_config(self, peft_config: LoRSURLPConfig, model_config: dict) -> LoRSURLPConfig:
+        return peft_config
+
+    def _prepare_model(self, peft_config: LoRSURLPConfig, model: nn.Module) -> None:
+        peft_config.sync_parts()
+        LoRSUModel._prepare_model(self, peft_config.lorsu, model)  # sets self._lorsu_sites
+        RLPModel._prepare_model(self, peft_config.rlp, model)  # fills peft_config.rlp.target_modules
+        shared = sorted(n for n in self._lorsu_sites if check_target_module_exists(peft_config.rlp, n))
+        if shared:
+            raise ValueError(f"LoRSURLPConfig: the LoRSU and RLP parts both target {shared[:3]}")
+
+    def _check_target_module_exists(self, peft_config: LoRSURLPConfig, key: str) -> bool:
+        return key in self._lorsu_sites or bool(check_target_module_exists(peft_config.rlp, key))
+
+    def _create_and_replace(
+        self,
+        peft_config: LoRSURLPConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if current_key in self._lorsu_sites:
+            part, tuner = peft_config.lorsu, LoRSUModel
+        else:
+            part, tuner = peft_config.rlp, RLPModel
+        tuner._create_and_replace(self, part, adapter_name, target, target_name, parent, current_key)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(new_module, BaseTunerLayer):
+            super()._replace_module(parent, child_name, new_module, child)
+        else:
+            # unloading: the original module goes back as it is (CLIP's text embeddings or a fused attention have no
+            # `.weight` for peft's default to copy over)
+            setattr(parent, child_name, new_module)
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        fold_into_position_embedding: bool = False,
+    ) -> nn.Module:
+        """Merge LoRSU into the image encoder's weights and fold the RLP prompt into the position embeddings.
+
+        The fold is exact only for prompts that start with the RLP init text (see ``RLPModel.merge_and_unload``),
+        so it must be confirmed with ``fold_into_position_embedding=True``; otherwise this raises before anything is
+        merged. ``unload()`` returns the untouched base model.
+        """
+        if fold_into_position_embedding:  # without it RLP's merge_and_unload raises, and nothing may be merged first
+            for module in self.model.modules():
+                if isinstance(module, LoRSULayer):
+                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        # RLP folds its prompt and unloads every layer; the LoRSU layers leave their merged base layers behind
+        return RLPModel.merge_and_unload(self, progressbar, safe_merge, adapter_names, fold_into_position_embedding)
+
+
+def save_parts(model: PeftModel, save_directory: str | Path, adapter_name: str = "default") -> dict[str, Path]:
+    """Write each part of a joint adapter as its own standalone adapter: ``<dir>/lorsu`` and ``<dir>/rlp``.
+
+    Each folder holds ``adapter_model.safetensors`` (that part's tensors, under the names a LoRSU / RLP adapter
+    uses) and ``adapter_config.json`` (that part's config), so ``PeftModel.from_pretrained(clip, "<dir>/lorsu")``
+    gives the image-side adaptation alone and ``"<dir>/rlp"`` the prompt alone.
+
+    Returns:
+        ``{"lorsu": folder, "rlp": folder}``.
+    """
+    config = model.peft_config[adapter_name]
+    if not isinstance(config, LoRSURLPConfig):
+        raise ValueError(f"save_parts: adapter {adapter_name!r} is a {type(config).__name__}, not a LoRSURLPConfig")
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    folders = {}
+    for name, prefix in PART_PREFIXES.items():
+        folder = Path(save_directory) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().clone().contiguous() for k, v in state.items() if f".{prefix}" in k}
+        save_file(tensors, str(folder / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        config.part_config(name).save_pretrained(str(folder))  # after the weights: the config records their hash
+        folders[name] = folder
+    unclaimed = sorted(k for k in state if not any(f".{p}" in k for p in PART_PREFIXES.values()))
+    if unclaimed:
+        raise ValueError(f"save_parts: tensors of neither part: {unclaimed[:3]}")
+    return folders
+
+
+def trainable_parameters_by_part(model: nn.Module) -> dict[str, int]:
+    """``{"lorsu": n, "rlp": n}``: adapter parameters that require grad, by the part whose layers hold them."""
+    counts = dict.fromkeys(PART_PREFIXES, 0)
+    for module in model.modules():
+        part = "lorsu" if isinstance(module, LoRSULayer) else "rlp" if isinstance(module, RLPLayer) else None
+        for attr in module.adapter_layer_names if part else ():
+            container = getattr(module, attr)
+            counts[part] += sum(p.numel() for p in container.parameters(recurse=False) if p.requires_grad)
+    return counts

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
 from .datasets import CAPTION_TEMPLATES, fill_template
@@ -37,6 +37,7 @@ from .training import fit
 logger = logging.getLogger(__name__)
 
 VISION_METHODS = ("lorsu", "lorsu_random", "lora", "full", "spu")
+SESSION_ADAPTER_METHODS = ("lorsu", "lorsu_random", "lora", "spu")  # one named adapter per session with merge=False
 PROMPT_METHODS = ("rlp", "coop")
 METHODS = ("zero_shot", *VISION_METHODS, *PROMPT_METHODS)
 LOSSES = ("contrastive", "class_ce")
@@ -64,7 +65,8 @@ class ContinualConfig:
             prompt methods always use ``"class_ce"``.
         r, lora_alpha, top_k_heads, sparsity: LoRSU / LoRA / sparse-update settings.
         merge: fold each session's adapter into the weights (the paper); ``False`` keeps one named adapter per
-            session, all active, only the newest trainable.
+            session (``session_1``, ``session_2``, ...), all active, only the newest trainable, so that
+            :meth:`ContinualRunner.rollback` can undo sessions (LoRSU, its ablations and LoRA).
         init_text, prompt_rank: RLP / CoOp context and rank; also the evaluation prompt prefix.
         seed: data sampling, initialisation and shuffling.
     """
@@ -101,13 +103,21 @@ class ContinualConfig:
 
 @dataclass
 class ContinualResult:
-    """Accuracy matrix (``rows[0]`` zero-shot, then one per session) over ``columns`` (target, then controls)."""
+    """Accuracy matrix (``rows[0]`` zero-shot, then one per session) over ``columns`` (target, then controls).
+
+    Memory: ``adapter_bytes[s]`` is what session ``s + 1`` adds, the bytes of its adapter tensors as saved
+    (trainable weights plus index buffers such as LoRSU's fc1 indices and head rows, or RLP's frozen context), taken
+    right after training; for ``full`` it is the bytes of the weights it trained. ``final_adapter_bytes`` is what the
+    final model still holds in adapters: the sum of every session's with ``merge=False``, 0 once they are merged.
+    """
 
     method: str
     columns: list[str]
     rows: list[list[float]] = field(default_factory=list)
     trainable_params: list[int] = field(default_factory=list)
     adapter_params: int = 0
+    adapter_bytes: list[int] = field(default_factory=list)
+    final_adapter_bytes: int = 0
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
 
@@ -138,6 +148,12 @@ class ContinualResult:
                 writer.writerow([i, *(f"{v:.4f}" for v in row)])
         plot_sessions({self.method: self}, paths[2])
         return paths
+
+
+def adapter_nbytes(model: PeftModel, adapter_name: str = "default") -> int:
+    """Bytes of the tensors ``save_pretrained`` would write for ``adapter_name`` (parameters and saved buffers)."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def load_classification_set(name: str, split: str, image_size: int) -> ClassificationSet:
@@ -281,7 +297,7 @@ class ContinualRunner:
     def _adapt(self, model: nn.Module, session: int, probe_data: list[dict]) -> nn.Module:
         """Return the module to train this session (``model`` itself, or a PEFT model around it)."""
         cfg, method = self.config, self.config.method
-        name = "default" if cfg.merge else f"session_{session}"
+        name = self._adapter_name(session)
         if method in ("lorsu", "lorsu_random", "spu"):
             lorsu = LoRSUConfig(
                 r=cfg.r,
@@ -331,6 +347,51 @@ class ContinualRunner:
         model.base_model.set_requires_grad([n for n in names if n != name], requires_grad=False)
         return model
 
+    def _adapter_name(self, session: int) -> str:
+        per_session = not self.config.merge and self.config.method in SESSION_ADAPTER_METHODS
+        return f"session_{session}" if per_session else "default"
+
+    def _session_bytes(self, trained: nn.Module, session: int) -> int:
+        """What session ``session`` adds to the model, in bytes (see :class:`ContinualResult`)."""
+        if isinstance(trained, PeftModel):
+            return adapter_nbytes(trained, self._adapter_name(session))
+        return sum(p.numel() * p.element_size() for p in trained.parameters() if p.requires_grad)
+
+    def rollback(self, session: int) -> nn.Module:
+        """Undo sessions ``session .. T`` of a finished run with ``merge=False``; return the model as it was after
+        session ``session - 1`` (the base model, unwrapped, for ``session=1``).
+
+        The adapters ``session_{session}`` and later are deleted from :attr:`final_model` (later sessions were trained
+        on top of the rolled-back one, so they go too); the remaining ones stay active and the newest of them
+        trainable. To drop a single session instead, call ``final_model.delete_adapter("session_<s>")``.
+
+        Raises:
+            ValueError: the run merged its sessions (``merge=True``), the method keeps no per-session adapter, no run
+                has finished, or ``session`` is outside ``1..T``.
+        """
+        cfg = self.config
+        if cfg.merge or cfg.method not in SESSION_ADAPTER_METHODS:
+            raise ValueError(
+                f"rollback needs one adapter per session: ContinualConfig(merge=False) with a method in "
+                f"{SESSION_ADAPTER_METHODS}; this run has merge={cfg.merge}, method={cfg.method!r}"
+            )
+        model = getattr(self, "final_model", None)
+        if not isinstance(model, PeftModel):
+            raise ValueError("rollback: no adapters to roll back; call run() first")
+        kept = [int(n.removeprefix("session_")) for n in model.peft_config]
+        if not (isinstance(session, int) and 1 <= session <= max(kept)):
+            raise ValueError(f"rollback: session must be in 1..{max(kept)}, got {session!r}")
+        if session == 1:
+            self.final_model = model.unload().eval()
+            return self.final_model
+        for s in sorted((s for s in kept if s >= session), reverse=True):
+            model.delete_adapter(f"session_{s}")
+        names = list(model.peft_config)
+        model.base_model.set_adapter(names)
+        model.base_model.set_requires_grad(names[:-1], requires_grad=False)
+        self.final_model = model.eval()
+        return model
+
     def _finish(self, trained: nn.Module) -> nn.Module:
         """The model the next session starts from."""
         if self.config.method == "full":
@@ -368,12 +429,14 @@ class ContinualRunner:
                     loss_fn=self._loss_fn(),
                     show_progress=show_progress,
                 )
+                result.adapter_bytes.append(self._session_bytes(trainable, session))
                 model = self._finish(trainable).eval()
                 result.rows.append(self.evaluate(model))
                 logger.info("session %d/%d: %s", session, cfg.sessions, dict(zip(columns, result.rows[-1])))
         if isinstance(model, PeftModel):
             tags = ("lora_", "lorsu_", "rlp_")
             result.adapter_params = sum(p.numel() for n, p in model.named_parameters() if any(t in n for t in tags))
+            result.final_adapter_bytes = sum(adapter_nbytes(model, name) for name in model.peft_config)
         result.seconds = time.perf_counter() - start
         self.final_model = model
         return result

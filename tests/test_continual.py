@@ -96,3 +96,37 @@ def test_config_errors():
         ContinualConfig(shots=0)
     with pytest.raises(ValueError, match="loss must be one of"):
         ContinualConfig(loss="mse")
+
+
+def test_rollback_undoes_sessions_and_memory_is_reported():
+    run = runner("lorsu", merge=False)
+    result = run.run(show_progress=False)
+    # session 1's adapter: fp32 trainable tensors plus int64 index buffers (fc1 entries, q/k/v rows of 2 heads)
+    fc1_entries, head_rows = 2 * int(0.1 * 64 * 32), 2 * 3 * 2 * 8
+    assert result.adapter_bytes[0] == 4 * result.trainable_params[0] + 8 * (fc1_entries + head_rows)
+    assert len(result.adapter_bytes) == 2 and result.final_adapter_bytes == sum(result.adapter_bytes)
+    assert json.loads(json.dumps(result.to_dict()))["adapter_bytes"] == result.adapter_bytes
+
+    model = run.rollback(2)
+    assert list(model.peft_config) == ["session_1"] and model.base_model.active_adapters == ["session_1"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} and all(
+        "session_1" in n for n, p in model.named_parameters() if p.requires_grad
+    )
+    assert run.evaluate(model) == result.rows[1]
+    base = run.rollback(1)
+    assert type(base).__name__ == "CLIPModel" and run.evaluate(base) == result.rows[0]
+
+
+def test_merged_sessions_report_memory_but_cannot_roll_back():
+    run = runner("spu", merge=True)
+    with pytest.raises(ValueError, match="rollback: no adapters to roll back; call run"):
+        runner("lorsu", merge=False).rollback(1)
+    result = run.run(show_progress=False)
+    assert len(result.adapter_bytes) == 2 and all(b > 0 for b in result.adapter_bytes)
+    assert result.final_adapter_bytes == 0
+    with pytest.raises(ValueError, match=r"rollback needs one adapter per session: .* merge=True, method='spu'"):
+        run.rollback(1)
+    stacked = runner("lora", merge=False)
+    stacked.run(show_progress=False)
+    with pytest.raises(ValueError, match=r"session must be in 1..2, got 3"):
+        stacked.rollback(3)

@@ -6,6 +6,7 @@ Importing the package registers both methods with PEFT, after which ``get_peft_m
 
 from .hub import install_model_card_hook, record_card_info
 from .joint import LoRSURLPConfig, LoRSURLPModel
+from .loading import safe_load_adapter
 from .lorsu import HeadLoRALinear, LoRSUConfig, LoRSULayer, LoRSUModel, SparseLinear, probe_lorsu
 from .objectives import (
     BaseToNewResult,
@@ -19,6 +20,7 @@ from .objectives import (
     zero_shot_accuracy,
 )
 from .rlp import RLPConfig, RLPModel, RLPTextEmbedding
+from .saving import save_adapter_atomic
 
 install_model_card_hook()
 
@@ -46,5 +48,7 @@ __all__ = [
     "harmonic_mean",
     "probe_lorsu",
     "record_card_info",
+    "safe_load_adapter",
+    "save_adapter_atomic",
     "zero_shot_accuracy",
 ]

@@ -368,5 +368,13 @@ def test_load_refuses_mismatched_selection(tmp_path, batches):
     key = next(k for k in weights if k.endswith("fc1.lorsu_indices"))
     weights[key] = weights[key] + 64 * 32
     save_file(weights, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"lorsu_indices\['default'\] .* values must lie in \[0, 2048\)"):
+    # the config records the SHA-256 of the weights saved with it: edited weights are refused as such ...
+    with pytest.raises(ValueError, match="is not the file that was saved with adapter_config.json"):
         PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path)
+    # ... and without that record (an older adapter), by the range check of the indices
+    config_path.write_text(json.dumps({**original, "weights_sha256": None}))
+    base = copy.deepcopy(reference)
+    with pytest.raises(ValueError, match=r"lorsu_indices\['default'\] .* values must lie in \[0, 2048\)"):
+        PeftModel.from_pretrained(base, tmp_path)
+    # every refusal happens before the base model is wrapped
+    assert not any(isinstance(m, peft_lorsu.LoRSULayer) for m in base.modules())

@@ -17,6 +17,7 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from torch import nn
 
+from ..loading import before_injection
 from ..lorsu.layer import LoRSULayer
 from ..lorsu.model import LoRSUModel
 from ..rlp.layer import RLPLayer
@@ -57,6 +58,7 @@ class LoRSURLPModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: LoRSURLPConfig, model: nn.Module) -> None:
+        before_injection(self, peft_config, model)  # rehearse loading a config just read from disk
         peft_config.sync_parts()
         LoRSUModel._prepare_model(self, peft_config.lorsu, model)  # sets self._lorsu_sites
         RLPModel._prepare_model(self, peft_config.rlp, model)  # fills peft_config.rlp.target_modules

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
 
+from ..loading import AdapterFileGuard, check_sha256_field
 from ..registry import add_peft_type
 
 TOWERS = ("vision", "text", "both")
 SELECTIONS = ("gradient", "random")
 HEAD_SCORINGS = ("gradient", "fisher", "random", "custom")
 INIT_CHOICES = (True, False, "lorsu", "lora")
+FLAGS = ("adapt_attention", "adapt_mlp", "adapt_projection", "train_biases", "share_qkv_factor")
 
 
 @dataclass
-class LoRSUConfig(PeftConfig):
+class LoRSUConfig(AdapterFileGuard, PeftConfig):
     """Configuration of a LoRSU adapter.
 
     LoRSU adapts the transformer encoder of a CLIP-style model with three structured updates per encoder layer: a
@@ -83,6 +87,9 @@ class LoRSUConfig(PeftConfig):
             Written by the probe: attention module name -> importance of every head.
         modules_to_save (`list[str]`, *optional*):
             Extra modules trained in full and saved with the adapter (PEFT's usual field).
+        weights_sha256 (`str`, *optional*):
+            Written by ``save_pretrained``: the SHA-256 of the ``adapter_model.safetensors`` saved with this config.
+            Loading refuses a weights file that does not match (another save's, or an edited one).
     """
 
     r: int = field(default=64, metadata={"help": "Rank of the low-rank updates (>= 1)."})
@@ -125,6 +132,9 @@ class LoRSUConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
     )
+    weights_sha256: str | None = field(
+        default=None, metadata={"help": "Written on save: SHA-256 of the adapter weights saved with this config."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,17 +143,30 @@ class LoRSUConfig(PeftConfig):
         # get_peft_model and are saved as buffers in adapter_model.safetensors.
         self.fc1_indices: dict | None = getattr(self, "fc1_indices", None)
         self._validate()
+        if self.lora_dropout > 0 and self.share_qkv_factor:
+            warnings.warn(
+                "LoRSUConfig.lora_dropout > 0 with a shared q/k/v factor: each projection draws its own dropout mask",
+                stacklevel=3,  # __post_init__ <- the dataclass __init__ <- the caller
+            )
+
+    def validate(self) -> None:
+        """Check every field again (``get_peft_model`` calls this, so fields edited after construction are caught).
+
+        Raises:
+            ValueError: naming the field, the allowed values and the value found.
+        """
+        self._validate()
 
     def _validate(self) -> None:
         def check(ok: bool, name: str, allowed: str) -> None:
             if not ok:
                 raise ValueError(f"LoRSUConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
 
-        check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "r", "an integer >= 1")
-        check(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "a number > 0")
+        check(_is_int(self.r) and self.r >= 1, "r", "an integer >= 1")
+        check(_is_number(self.lora_alpha) and 0 < self.lora_alpha < math.inf, "lora_alpha", "a number > 0 and finite")
         check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
         check(
-            isinstance(self.top_k_heads, int) and not isinstance(self.top_k_heads, bool) and self.top_k_heads >= 1,
+            _is_int(self.top_k_heads) and self.top_k_heads >= 1,
             "top_k_heads",
             "an integer >= 1 (and <= the model's heads per layer)",
         )
@@ -151,15 +174,23 @@ class LoRSUConfig(PeftConfig):
         check(self.tower in TOWERS, "tower", f"one of {TOWERS}")
         check(self.selection in SELECTIONS, "selection", f"one of {SELECTIONS}")
         check(self.head_scoring in HEAD_SCORINGS, "head_scoring", f"one of {HEAD_SCORINGS}")
-        check(self.init_weights in INIT_CHOICES, "init_weights", f"one of {INIT_CHOICES}")
-        check(isinstance(self.probe_samples, int) and self.probe_samples >= 1, "probe_samples", "an integer >= 1")
+        # `1 in INIT_CHOICES` holds (1 == True): also require a bool or a str
+        check(
+            isinstance(self.init_weights, (bool, str)) and self.init_weights in INIT_CHOICES,
+            "init_weights",
+            f"one of {INIT_CHOICES}",
+        )
+        for flag in FLAGS:
+            check(isinstance(getattr(self, flag), bool), flag, "True or False")
+        check(_is_int(self.probe_samples) and self.probe_samples >= 1, "probe_samples", "an integer >= 1")
+        check(_is_int(self.seed) and 0 <= self.seed < 2**64, "seed", "an integer in [0, 2**64)")
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
         check(
             self.layers_to_transform is None
             or (
                 isinstance(self.layers_to_transform, (list, tuple))
-                and all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform)
+                and all(_is_int(i) and i >= 0 for i in self.layers_to_transform)
             ),
             "layers_to_transform",
             "None, an int or a list of non-negative ints",
@@ -176,6 +207,24 @@ class LoRSUConfig(PeftConfig):
         )
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise ValueError(
+                    f"LoRSUConfig.target_modules must be a valid regular expression, got {self.target_modules!r} "
+                    f"({exc})"
+                ) from exc
+        check(
+            self.modules_to_save is None
+            or (
+                isinstance(self.modules_to_save, (list, tuple, set))
+                and all(isinstance(m, str) for m in self.modules_to_save)
+            ),
+            "modules_to_save",
+            "None or a list of module names",
+        )
+        check_sha256_field("LoRSUConfig.weights_sha256", self.weights_sha256)
         if not (self.adapt_attention or self.adapt_mlp or self.adapt_projection or self.train_biases):
             raise ValueError(
                 "LoRSUConfig has nothing to train: adapt_attention, adapt_mlp, adapt_projection and train_biases are "
@@ -185,18 +234,31 @@ class LoRSUConfig(PeftConfig):
             check(
                 isinstance(self.selected_heads, dict)
                 and all(
-                    isinstance(h, (list, tuple)) and len(h) == self.top_k_heads and len(set(h)) == len(h)
-                    for h in self.selected_heads.values()
+                    isinstance(k, str)
+                    and isinstance(h, (list, tuple))
+                    and len(h) == self.top_k_heads
+                    and len(set(h)) == len(h)
+                    and all(_is_int(i) and i >= 0 for i in h)
+                    for k, h in self.selected_heads.items()
                 ),
                 "selected_heads",
-                f"a dict of module name -> {self.top_k_heads} distinct head indices (top_k_heads)",
+                f"a dict of module name -> {self.top_k_heads} distinct head indices >= 0 (top_k_heads)",
             )
             self.selected_heads = {k: sorted(int(i) for i in v) for k, v in self.selected_heads.items()}
-        if self.lora_dropout > 0 and self.share_qkv_factor:
-            warnings.warn(
-                "LoRSUConfig.lora_dropout > 0 with a shared q/k/v factor: each projection draws its own dropout mask",
-                stacklevel=2,
-            )
+        check(
+            self.head_scores is None
+            or (
+                isinstance(self.head_scores, dict)
+                and all(
+                    isinstance(k, str)
+                    and isinstance(v, (list, tuple))
+                    and all(_is_number(x) and math.isfinite(x) for x in v)
+                    for k, v in self.head_scores.items()
+                )
+            ),
+            "head_scores",
+            "None or a dict of module name -> list of finite numbers",
+        )
 
     @classmethod
     def from_budget(
@@ -239,3 +301,7 @@ class LoRSUConfig(PeftConfig):
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

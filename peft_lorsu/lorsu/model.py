@@ -6,6 +6,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from ..loading import before_injection
 from .config import LoRSUConfig
 from .fused import HeadLoRAInProjection
 from .layer import HeadLoRALinear, LoRSULayer, SparseLinear
@@ -45,6 +46,7 @@ class LoRSUModel(BaseTuner):
 
     def _prepare_model(self, peft_config: LoRSUConfig, model: nn.Module) -> None:
         """Resolve the sites to wrap and check the selection against the model before anything is replaced."""
+        before_injection(self, peft_config, model)  # re-validate; rehearse loading a config just read from disk
         sites = find_sites(model, peft_config)
         blocks = attention_blocks(sites)
         for block, (num_heads, _) in blocks.items():

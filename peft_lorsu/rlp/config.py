@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
 
+from ..loading import AdapterFileGuard, check_sha256_field
 from ..registry import add_peft_type
 
 MODES = ("low_rank", "full_rank")
@@ -16,7 +18,7 @@ INIT_WEIGHTS = ("zero_b", "gaussian")
 
 
 @dataclass
-class RLPConfig(PeftConfig):
+class RLPConfig(AdapterFileGuard, PeftConfig):
     """
     Configuration of an [`RLPModel`]: n_ctx learned context vectors that replace the prompt's context tokens in the
     input of CLIP's text encoder.
@@ -72,6 +74,9 @@ class RLPConfig(PeftConfig):
             and their names written here.
         modules_to_save (`list[str]`, *optional*):
             Modules besides the RLP context to train and save, e.g. ``["text_projection"]``.
+        weights_sha256 (`str`, *optional*):
+            Written by ``save_pretrained``: the SHA-256 of the ``adapter_model.safetensors`` saved with this config.
+            Loading refuses a weights file that does not match (another save's, or an edited one).
     """
 
     n_ctx: int | None = field(
@@ -113,70 +118,105 @@ class RLPConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules besides the context to train and save."}
     )
+    weights_sha256: str | None = field(
+        default=None, metadata={"help": "Written on save: SHA-256 of the adapter weights saved with this config."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = add_peft_type("RLP")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
-
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("prompt_init", self.prompt_init, PROMPT_INITS)
-        _check_choice("init_weights", self.init_weights, INIT_WEIGHTS)
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.mode == "full_rank" and self.dropout > 0.0:
-            raise ValueError(
-                f"dropout={self.dropout} acts on the low-rank branch P_A @ P_B, which mode='full_rank' does not have; "
-                "set dropout=0.0 or use mode='low_rank'"
-            )
-        if not self.init_std > 0.0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
-
+        self._check_fields()
         if self.init_token_ids is None and self.init_text is not None:
             self.init_token_ids = self._tokenize_init_text()
-        if self.init_token_ids is not None:
             self._check_init_token_ids()
-        elif self.prompt_init == "text":
-            raise ValueError(
-                "prompt_init='text' needs an init text: set init_text (with tokenizer_name_or_path) or "
-                "init_token_ids, or use prompt_init='random' with n_ctx"
-            )
-
-        if self.n_ctx is not None and (isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int)):
-            raise ValueError(f"n_ctx must be an integer >= 1, got {self.n_ctx!r}")
-        if self.init_token_ids is not None:
-            if self.n_ctx is not None and self.n_ctx != len(self.init_token_ids):
-                raise ValueError(
-                    f"n_ctx={self.n_ctx} disagrees with the init text {self.init_text!r}, which has "
-                    f"{len(self.init_token_ids)} tokens {self.init_token_ids}; leave n_ctx unset or make them match"
-                )
+        if self.init_token_ids is not None and self.n_ctx is None:
             self.n_ctx = len(self.init_token_ids)
-        elif self.n_ctx is None:
-            raise ValueError("n_ctx must be set when there is no init text (prompt_init='random' without init_text)")
-        if self.n_ctx < 1:
-            raise ValueError(f"n_ctx must be an integer >= 1, got {self.n_ctx!r}")
-
-        if self.mode == "low_rank" and self.rank > self.n_ctx:
-            raise ValueError(
-                f"rank={self.rank} exceeds n_ctx={self.n_ctx}: P_A @ P_B of shape (n_ctx, d) has rank at most "
-                f"min(n_ctx, d); use 1 <= rank <= {self.n_ctx}"
-            )
+        self._check_combination()
         if self.mode == "full_rank" and self.rank != 1:
             warnings.warn(
                 f"rank={self.rank} is ignored with mode='full_rank' (the whole (n_ctx, d) context is learned)",
                 stacklevel=3,  # __post_init__ <- the dataclass __init__ <- the caller
             )
 
+    def validate(self) -> None:
+        """Check every field again (``get_peft_model`` calls this, so fields edited after construction are caught).
+
+        Raises:
+            ValueError: naming the field, the allowed values and the value found.
+        """
+        self._check_fields()
+        self._check_combination()
+
+    def _check_fields(self) -> None:
+        """Each field on its own: type and range."""
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("prompt_init", self.prompt_init, PROMPT_INITS)
+        _check_choice("init_weights", self.init_weights, INIT_WEIGHTS)
+        if not _is_int(self.rank) or self.rank < 1:
+            raise ValueError(f"RLPConfig.rank must be an integer >= 1, got {self.rank!r}")
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"RLPConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.mode == "full_rank" and self.dropout > 0.0:
+            raise ValueError(
+                f"RLPConfig.dropout={self.dropout} acts on the low-rank branch P_A @ P_B, which mode='full_rank' does "
+                "not have; set dropout=0.0 or use mode='low_rank'"
+            )
+        if not (_is_number(self.init_std) and 0.0 < self.init_std < math.inf):
+            raise ValueError(f"RLPConfig.init_std must be > 0 and finite, got {self.init_std!r}")
+        if self.n_ctx is not None and (not _is_int(self.n_ctx) or self.n_ctx < 1):
+            raise ValueError(f"RLPConfig.n_ctx must be an integer >= 1, got {self.n_ctx!r}")
+        for name in ("init_text", "tokenizer_name_or_path"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"RLPConfig.{name} must be a string or None, got {getattr(self, name)!r}")
+        kwargs = self.tokenizer_kwargs
+        if kwargs is not None and not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
+            raise ValueError(f"RLPConfig.tokenizer_kwargs must be a dict of keyword arguments or None, got {kwargs!r}")
+        if kwargs and kwargs.get("trust_remote_code"):
+            raise ValueError(
+                "RLPConfig.tokenizer_kwargs must not enable trust_remote_code: peft-lorsu never runs code downloaded "
+                "with a tokenizer (an adapter config could otherwise make loading execute it)"
+            )
+        if self.init_token_ids is not None:
+            self._check_init_token_ids()
+        for name in ("target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            allowed_str = name == "target_modules" and isinstance(value, str)
+            if not (value is None or allowed_str or _is_str_collection(value)):
+                raise ValueError(f"RLPConfig.{name} must be None or a list of module names, got {value!r}")
+        check_sha256_field("RLPConfig.weights_sha256", self.weights_sha256)
+
+    def _check_combination(self) -> None:
+        """Fields that constrain each other: the init text, n_ctx, the mode and the rank."""
+        if self.init_token_ids is not None:
+            if self.n_ctx != len(self.init_token_ids):
+                raise ValueError(
+                    f"RLPConfig.n_ctx={self.n_ctx} disagrees with the init text {self.init_text!r}, which has "
+                    f"{len(self.init_token_ids)} tokens {self.init_token_ids}; leave n_ctx unset or make them match"
+                )
+        elif self.prompt_init == "text":
+            raise ValueError(
+                "RLPConfig.prompt_init='text' needs an init text: set init_text (with tokenizer_name_or_path) or "
+                "init_token_ids, or use prompt_init='random' with n_ctx"
+            )
+        elif self.n_ctx is None:
+            raise ValueError(
+                "RLPConfig.n_ctx must be set when there is no init text (prompt_init='random' without init_text)"
+            )
+        if self.mode == "low_rank" and self.rank > self.n_ctx:
+            raise ValueError(
+                f"RLPConfig.rank={self.rank} exceeds n_ctx={self.n_ctx}: P_A @ P_B of shape (n_ctx, d) has rank at "
+                f"most min(n_ctx, d); use 1 <= rank <= {self.n_ctx}"
+            )
+
     def _tokenize_init_text(self) -> list[int]:
         """Token ids of ``init_text`` without special tokens, from ``tokenizer_name_or_path``."""
         if not self.init_text or not self.init_text.strip():
-            raise ValueError(f"init_text={self.init_text!r} is empty; give a context such as 'a photo of a'")
+            raise ValueError(f"RLPConfig.init_text={self.init_text!r} is empty; give a context such as 'a photo of a'")
         if self.tokenizer_name_or_path is None:
             raise ValueError(
-                f"init_text={self.init_text!r} needs tokenizer_name_or_path to be tokenised "
+                f"RLPConfig.init_text={self.init_text!r} needs tokenizer_name_or_path to be tokenised "
                 "(or pass its token ids as init_token_ids)"
             )
         from transformers import AutoTokenizer
@@ -185,19 +225,32 @@ class RLPConfig(PeftConfig):
         ids = tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
         if len(ids) == 0:
             raise ValueError(
-                f"init_text={self.init_text!r} tokenises to no tokens with tokenizer {self.tokenizer_name_or_path!r}"
+                f"RLPConfig.init_text={self.init_text!r} tokenises to no tokens with tokenizer "
+                f"{self.tokenizer_name_or_path!r}"
             )
         return [int(i) for i in ids]
 
     def _check_init_token_ids(self) -> None:
         ids = self.init_token_ids
         if not isinstance(ids, (list, tuple)) or len(ids) == 0:
-            raise ValueError(f"init_token_ids must be a non-empty list of token ids, got {ids!r}")
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
-            raise ValueError(f"init_token_ids must hold integer token ids >= 0, got {ids!r}")
+            raise ValueError(f"RLPConfig.init_token_ids must be a non-empty list of token ids, got {ids!r}")
+        if any(not _is_int(i) or i < 0 for i in ids):
+            raise ValueError(f"RLPConfig.init_token_ids must hold integer token ids >= 0, got {ids!r}")
         self.init_token_ids = [int(i) for i in ids]
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"RLPConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_str_collection(value: object) -> bool:
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)

@@ -129,6 +129,24 @@ class RLPLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def _check_loaded_ctx_ids(self, state_dict, prefix, *args) -> None:
+        # The context ids come from the config's init_token_ids (-1 without an init text); saved weights must agree.
+        for adapter in list(self.rlp_ctx_ids.keys()):
+            loaded = state_dict.get(f"{prefix}rlp_ctx_ids.{adapter}")
+            if loaded is None:
+                continue
+            current = self.rlp_ctx_ids[adapter]
+            if loaded.dtype not in (torch.int32, torch.int64) or loaded.shape != current.shape:
+                raise ValueError(
+                    f"rlp_ctx_ids[{adapter!r}]: expected an int64 tensor of shape {tuple(current.shape)} (n_ctx), the "
+                    f"adapter holds {loaded.dtype} {tuple(loaded.shape)}"
+                )
+            if not torch.equal(loaded.long().cpu(), current.cpu()):
+                raise ValueError(
+                    f"rlp_ctx_ids[{adapter!r}]={loaded.tolist()} disagree with the init_token_ids "
+                    f"{current.tolist()} of the adapter config: weights and config do not belong together"
+                )
+
     def get_delta_context(self, adapter_name: str) -> torch.Tensor:
         """The low-rank branch ``P_A @ P_B`` of shape ``(n_ctx, d)``, without dropout (low-rank adapters only)."""
         if self.mode[adapter_name] != "low_rank":
@@ -188,6 +206,7 @@ class RLPTextEmbedding(nn.Module, RLPLayer):
         super().__init__()
         RLPLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
+        self._register_load_state_dict_pre_hook(self._check_loaded_ctx_ids)
         self.update_layer(adapter_name, config)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _is_key_under_prefixes
 from torch import nn
 
+from ..loading import before_injection
 from .config import RLPConfig
 from .layer import SUPPORTED_TEXT_EMBEDDINGS, UNSUPPORTED_TEXT_EMBEDDINGS, RLPLayer, RLPTextEmbedding
 
@@ -57,6 +58,7 @@ class RLPModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: RLPConfig, model: nn.Module) -> None:
+        before_injection(self, peft_config, model)  # re-validate; rehearse loading a config just read from disk
         names = find_text_embeddings(model)
         refused = {type(m).__name__ for m in model.modules()} & set(UNSUPPORTED_TEXT_EMBEDDINGS)
         if not names and refused:

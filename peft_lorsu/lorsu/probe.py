@@ -65,6 +65,11 @@ def _strip_data_parallel(model: nn.Module) -> nn.Module:
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
+    if not isinstance(batch, Mapping):
+        raise ValueError(
+            f"probe_lorsu: batches must be dicts of model keyword arguments (pixel_values, input_ids, ...), got a "
+            f"{type(batch).__name__}"
+        )
     for key in ("pixel_values", "input_ids", "labels"):
         value = batch.get(key)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -208,8 +213,8 @@ def probe_lorsu(
         return config
     if dataloader is None:
         raise ValueError("probe_lorsu needs a dataloader when LoRSUConfig.selection='gradient'")
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"probe_lorsu: num_batches must be >= 1 or None, got {num_batches}")
+    if num_batches is not None and (type(num_batches) is not int or num_batches < 1):
+        raise ValueError(f"probe_lorsu: num_batches must be an integer >= 1 or None, got {num_batches!r}")
 
     # Heads are scored on all of q, k and v even if target_modules keeps only some of them.
     tracked = qkv_weights(base, sites) if config.adapt_attention else {}
@@ -365,7 +370,14 @@ def _choose(config: LoRSUConfig, sites: dict[str, Site], grads: dict[str, torch.
     """Write the top-k heads per layer, all head scores and the top-S fc1 entries into ``config``."""
     broken = sorted(name for name, grad in grads.items() if not torch.isfinite(grad).all())
     if broken:
-        raise ValueError(f"probe_lorsu: the accumulated gradients of {broken} hold NaN or inf")
+        # A NaN / inf spreads backwards from where it appears, so the affected weight closest to the loss (the last
+        # in the sites' forward order) is where it most likely started.
+        order = {name: i for i, name in enumerate(sites)}
+        origin = max(broken, key=lambda name: order.get(name, -1))
+        raise ValueError(
+            f"probe_lorsu: the accumulated gradients of {broken} hold NaN or inf; the layer closest to the loss "
+            f"among them, where it most likely started, is {origin}"
+        )
     if config.adapt_attention:
         selected, scores = {}, {}
         qkv = qkv_gradients(sites, grads)

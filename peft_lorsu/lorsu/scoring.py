@@ -113,7 +113,7 @@ def mean_loss(loss_fn: LossFn) -> LossFn:
 
     def loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         value = loss_fn(model, batch)
-        return value.mean() if value.dim() == 1 else value
+        return value.mean() if isinstance(value, torch.Tensor) and value.dim() == 1 else value
 
     return loss
 

@@ -65,7 +65,7 @@ def check_sha256_field(name: str, value: Any) -> None:
 
 
 class AdapterFileGuard:
-    """Mixin of ``LoRSUConfig`` / ``RLPConfig`` that ties a config to the weights file saved next to it.
+    """Mixin of the plugin's configs (LoRSU, RLP, joint) that ties a config to the weights file saved next to it.
 
     - ``from_pretrained`` remembers the local folder the config was read from (and the config as read), so the next
       injection with this config, the one ``PeftModel.from_pretrained`` / ``load_adapter`` performs, can check the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -112,6 +113,26 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    # the same selection (fc1 entries) ...
+    indices = {n: b for n, b in resumed_model.named_buffers() if "lorsu_indices" in n}
+    assert indices and all(torch.equal(b, dict(full_model.named_buffers())[n]) for n, b in indices.items())
+    # ... and the same optimizer state, which for the sparse fc1 update holds S values per layer, not m x d
+    full_state = optimizer_state(full_trainer, full_model)
+    resumed_state = optimizer_state(resumed_trainer, resumed_model)
+    assert full_state.keys() == resumed_state.keys() == expected.keys()
+    num_values = math.floor(0.1 * 64 * 32)
+    for name, state in full_state.items():
+        assert state.keys() == resumed_state[name].keys() and {"exp_avg", "exp_avg_sq"} <= state.keys()
+        if "lorsu_values" in name:
+            assert state["exp_avg"].shape == state["exp_avg_sq"].shape == (num_values,)
+        for key, value in state.items():
+            torch.testing.assert_close(resumed_state[name][key], value, rtol=0, atol=1e-6, msg=f"{name} {key}")
+
+
+def optimizer_state(trainer: Trainer, model) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer's state per adapter parameter name (through accelerate's optimizer wrapper)."""
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    return {n: dict(optimizer.state[p]) for n, p in model.named_parameters() if p in optimizer.state}
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):

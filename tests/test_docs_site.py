@@ -28,6 +28,9 @@ API_ANCHORS = {
     "api/trainer": ["peft_lorsu.trainer.ImageTextCollator", "peft_lorsu.trainer.get_lorsu_model"],
     "api/continual": ["peft_lorsu.continual.ContinualConfig", "peft_lorsu.continual.ContinualRunner"],
     "api/hub": ["peft_lorsu.hub.record_card_info"],
+    "api/joint": ["peft_lorsu.joint.LoRSURLPConfig", "peft_lorsu.joint.LoRSURLPModel"],
+    "api/io": ["peft_lorsu.safe_load_adapter", "peft_lorsu.save_adapter_atomic"],
+    "api/distributed": ["peft_lorsu.distributed.fully_shard_clip", "peft_lorsu.distributed.shard_batches"],
     "api/cli": ["peft_lorsu.cli.main"],
     "api/resources": ["peft_lorsu.resources.tiny_random_clip"],
 }

@@ -1,0 +1,635 @@
+"""Accuracy benchmark: continual few-shot learning (CL-T) with LoRSU and its baselines, and RLP vs CoOp base-to-new.
+
+Usage::
+
+    python -m benchmarks.accuracy --out docs/benchmarks        # the full run on the packaged mini-CLIP (CPU)
+    python -m benchmarks.accuracy --smoke --out /tmp/acc       # a tiny run in seconds (the test suite runs this)
+    python -m benchmarks.accuracy --model openai/clip-vit-base-patch16 --target <hub name> --control <hub name> ...
+
+Every method sees the same sessions, images, epochs, batch size and so the same number of optimizer steps. Each
+method's learning rate is picked from a small grid on a validation split carved out of the target's *training* images
+(the test images are never used for a choice). Results are written as ``accuracy.json`` (every run), ``accuracy.md``
+(tables, the targets of issue 11, what was checked where one is missed) and ``accuracy_*.png`` into ``--out``.
+
+Finished runs are appended to ``<out>/accuracy_runs.jsonl`` as they complete; a crashed or interrupted run is resumed
+from there with ``--resume`` (runs whose settings changed are not reused). ``--report-only`` rebuilds the Markdown and
+the plots from an existing ``accuracy.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model
+from tqdm.auto import tqdm
+
+from peft_lorsu.continual import ClassificationSet, ContinualConfig, ContinualRunner
+from peft_lorsu.datasets import LabeledImages, load_image_dataset, to_pixel_values
+from peft_lorsu.lorsu import LoRSUConfig, probe_lorsu
+from peft_lorsu.objectives import base_to_new_split, build_class_prompts, evaluate_base_to_new
+from peft_lorsu.resources import load_clip
+
+from . import accuracy_report
+
+logger = logging.getLogger("benchmarks.accuracy")
+
+
+# ------------------------------------------------------------------------------------------------------------ methods
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of the benchmark: which :class:`ContinualRunner` method it runs, with which grid and probe options."""
+
+    name: str
+    runner_method: str
+    grid: str  # key of Plan.grids; "" for zero-shot
+    side: str  # "vision", "text" or "-"
+    description: str
+    head_scoring: str | None = None  # LoRSU variants of issue 12 (peft_lorsu.lorsu.scoring)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("zero_shot", "zero_shot", "", "-", "no training (reference row)"),
+        Method("full", "full", "full", "vision", "full fine-tuning of the vision encoder and projection"),
+        Method("lora", "lora", "adapter", "vision", "peft LoRA on q/k/v of every vision layer, same rank"),
+        Method("spu", "spu", "adapter", "vision", "sparse update only: top-S fc1 entries by gradient, no heads"),
+        Method("lorsu", "lorsu", "adapter", "vision", "LoRSU: gradient-chosen heads + top-S fc1 (+ biases, proj.)"),
+        Method("lorsu_random", "lorsu_random", "adapter", "vision", "LoRSU with random heads and random fc1 entries"),
+        Method(
+            "lorsu_random_heads", "lorsu", "adapter", "vision", "LoRSU with random heads, fc1 by gradient", "random"
+        ),
+        Method("lorsu_fisher", "lorsu", "adapter", "vision", "LoRSU, heads by per-sample Fisher score", "fisher"),
+        Method("rlp", "rlp", "prompt", "text", "RLP: rank-1 low-rank text context (CoOp style)"),
+        Method("coop", "coop", "prompt", "text", "CoOp: full-rank text context"),
+    )
+}
+PROMPT_METHODS = ("rlp", "coop")
+
+
+def head_scoring_available() -> bool:
+    """Whether this peft_lorsu has the head-scoring strategies of issue 12 (``LoRSUConfig.head_scoring``)."""
+    return any(f.name == "head_scoring" for f in dataclasses.fields(LoRSUConfig))
+
+
+class BenchmarkRunner(ContinualRunner):
+    """:class:`ContinualRunner` plus the LoRSU head-scoring variants, and the evaluation time kept apart."""
+
+    def __init__(self, *args: Any, head_scoring: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_scoring = head_scoring
+        self.eval_seconds = 0.0
+
+    def evaluate(self, model: torch.nn.Module) -> list[float]:
+        start = time.perf_counter()
+        accs = super().evaluate(model)
+        self.eval_seconds += time.perf_counter() - start
+        return accs
+
+    def _adapt(self, model: torch.nn.Module, session: int, probe_data: list[dict]) -> torch.nn.Module:
+        if self.head_scoring is None:
+            return super()._adapt(model, session, probe_data)
+        cfg = self.config
+        lorsu = LoRSUConfig(
+            r=cfg.r,
+            lora_alpha=cfg.lora_alpha,
+            top_k_heads=cfg.top_k_heads,
+            sparsity=cfg.sparsity,
+            head_scoring=self.head_scoring,
+            seed=cfg.seed + session,
+        )
+        # fisher needs per-sample losses: the probe's default gives them for CLIP's contrastive loss
+        loss_fn = None if self.head_scoring == "fisher" else self._loss_fn()
+        probe_lorsu(model, lorsu, probe_data, loss_fn=loss_fn, show_progress=False)
+        return get_peft_model(model, lorsu)  # the runner merges every session (merge=True): a plain model comes in
+
+
+# ------------------------------------------------------------------------------------------------------------ plan
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything that decides the numbers (see ``PLANS``); the command line overrides some fields."""
+
+    model: str | None = None  # None: the packaged mini-CLIP
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["digits", "fashion_mnist:inverted"])
+    controls: list[str] = dataclasses.field(default_factory=lambda: ["fashion_mnist", "animal_mnist"])
+    shots: list[int] = dataclasses.field(default_factory=lambda: [5, 10])
+    sessions: int = 5
+    disjoint_classes: bool = False  # True: the paper's class-disjoint sessions (see accuracy_notes.md)
+    epochs: int = 5
+    batch_size: int = 16
+    loss: str = "contrastive"
+    r: int = 16
+    lora_alpha: float = 16.0
+    top_k_heads: int = 2
+    sparsity: float = 0.1
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    selection_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
+    grids: dict[str, list[float]] = dataclasses.field(
+        default_factory=lambda: {
+            "full": [3e-5, 1e-4, 3e-4],
+            "adapter": [1e-3, 3e-3, 1e-2],
+            "prompt": [1e-2, 3e-2, 1e-1],
+        }
+    )
+    val_per_class: int = 20  # carved from the target's train split, never from test
+    pool_per_class: int = 200  # train images per class the sessions are drawn from (the rest of train is unused)
+    test_per_class: int = 100  # evaluation subsample of the target's test split (all images if fewer)
+    control_per_class: int = 100  # evaluation subsample of each control's test split
+    b2n_datasets: list[str] = dataclasses.field(default_factory=lambda: ["fashion_mnist:inverted", "digits"])
+    b2n_methods: list[str] = dataclasses.field(default_factory=lambda: ["zero_shot", "rlp", "coop"])
+    b2n_shots: int = 16
+    b2n_epochs: int = 10
+    # context of the prompt methods in base-to-new: the paper's 4 tokens, and a 7-token pretraining template with which
+    # rank-1 RLP (n + d parameters) stays under a quarter of CoOp's n * d
+    b2n_init_texts: list[str] = dataclasses.field(
+        default_factory=lambda: ["a photo of a", "a black and white photo of a"]
+    )
+    init_text: str = "a photo of a"
+    prompt_rank: int = 1
+    split_seed: int = 0
+
+    def fingerprint(self) -> str:
+        """Hash of the fields a single run depends on (a resumed run reuses only results with the same hash)."""
+        # what a run is keyed on anyway (target, shots, method, lr, seed) or what only decides which runs happen
+        outside = {
+            "targets",
+            "shots",
+            "seeds",
+            "selection_seeds",
+            "methods",
+            "grids",
+            "b2n_datasets",
+            "b2n_methods",
+            "b2n_init_texts",
+        }
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in outside}
+        blob = json.dumps(fields, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+PLANS: dict[str, Plan] = {
+    "full": Plan(),
+    "smoke": Plan(
+        shots=[1],
+        sessions=2,
+        epochs=1,
+        batch_size=8,
+        r=4,
+        lora_alpha=4.0,
+        seeds=[0, 1],
+        grids={"full": [1e-4], "adapter": [1e-3, 3e-3], "prompt": [1e-2]},
+        val_per_class=2,
+        pool_per_class=4,
+        test_per_class=4,
+        control_per_class=3,
+        b2n_datasets=["digits"],
+        b2n_shots=2,
+        b2n_epochs=1,
+        b2n_init_texts=["a photo of a"],
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class TargetData:
+    """A target's session pool (train minus validation), its validation split (train) and its test split."""
+
+    name: str
+    pool: ClassificationSet
+    val: ClassificationSet
+    test: ClassificationSet
+
+    def sizes(self) -> dict:
+        return {
+            "pool": len(self.pool.labels),
+            "val": len(self.val.labels),
+            "test": len(self.test.labels),
+            "classes": self.test.class_names,
+        }
+
+
+def per_class_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Up to ``n`` random indices of every class (all of a class with fewer), seeded, sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in labels.unique(sorted=True).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=gen)[:n]])
+    return torch.cat(picked).sort().values
+
+
+def take(
+    data: ClassificationSet, indices: torch.Tensor, class_names: Sequence[str] | None = None
+) -> ClassificationSet:
+    names = list(class_names) if class_names is not None else list(data.class_names)
+    return ClassificationSet(data.pixel_values[indices], data.labels[indices], names)
+
+
+def load_labeled(name: str, split: str) -> LabeledImages:
+    """``name``'s ``split`` as uint8 images (the test suite replaces this with stand-ins where data is missing)."""
+    if name.partition(":")[0] == "demo":  # the packaged set names its splits after their role
+        split = {"train": "target_train", "test": "target_test"}.get(split, split)
+    return load_image_dataset(name, split)
+
+
+def as_pixels(data: LabeledImages, indices: torch.Tensor, image_size: int) -> ClassificationSet:
+    """The images at ``indices`` as CLIP pixel values (converted after subsampling: a 60k-image split stays cheap)."""
+    pixels = to_pixel_values(data.images[indices], image_size)
+    return ClassificationSet(pixels, data.labels[indices], list(data.class_names))
+
+
+def load_target(name: str, image_size: int, plan: Plan) -> TargetData:
+    """Validation: ``val_per_class`` train images per class; pool: up to ``pool_per_class`` of the other train
+    images per class (the sessions are drawn from it); test: up to ``test_per_class`` test images per class."""
+    train, test = load_labeled(name, "train"), load_labeled(name, "test")
+    val_idx = per_class_indices(train.labels, plan.val_per_class, plan.split_seed)
+    rest = torch.ones(len(train.labels), dtype=torch.bool)
+    rest[val_idx] = False
+    rest_idx = torch.nonzero(rest).flatten()
+    pool_idx = rest_idx[per_class_indices(train.labels[rest_idx], plan.pool_per_class, plan.split_seed)]
+    test_idx = per_class_indices(test.labels, plan.test_per_class, plan.split_seed)
+    return TargetData(
+        name,
+        as_pixels(train, pool_idx, image_size),
+        as_pixels(train, val_idx, image_size),
+        as_pixels(test, test_idx, image_size),
+    )
+
+
+def load_controls(plan: Plan, image_size: int) -> dict[str, ClassificationSet]:
+    controls = {}
+    for name in plan.controls:
+        data = load_labeled(name, "test")
+        controls[name] = as_pixels(
+            data, per_class_indices(data.labels, plan.control_per_class, plan.split_seed), image_size
+        )
+    return controls
+
+
+def base_only(data: ClassificationSet) -> ClassificationSet:
+    """The images of the base classes (the first ceil(C / 2)), labels unchanged, class names cut to the base."""
+    base, _ = base_to_new_split(len(data.class_names))
+    keep = torch.nonzero(data.labels < len(base)).flatten()
+    return take(data, keep, data.class_names[: len(base)])
+
+
+# ------------------------------------------------------------------------------------------------------------ runs
+
+
+class RunCache:
+    """Finished runs, one JSON object a line, appended as they complete (survives a crash; no pickle)."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path, self.records = path, {}
+        if resume and path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.records[record["key"]] = record
+            logger.info("resuming: %d finished runs in %s", len(self.records), path)
+        elif path.exists():
+            path.unlink()
+
+    def get_or_run(self, key: dict, fn: Callable[[], dict]) -> dict:
+        text = json.dumps(key, sort_keys=True)
+        if text in self.records:
+            return self.records[text]["result"]
+        result = fn()
+        record = {"key": text, "result": result}
+        self.records[text] = record
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return result
+
+
+class Bench:
+    """Holds the model, the data and the run cache; runs the continual and base-to-new experiments of a plan."""
+
+    def __init__(self, plan: Plan, out: Path, resume: bool) -> None:
+        self.plan, self.out = plan, out
+        self.model, self.tokenizer = load_clip(plan.model)
+        self.image_size = int(self.model.config.vision_config.image_size)
+        self.cache = RunCache(out / "accuracy_runs.jsonl", resume)
+        self.fingerprint = plan.fingerprint()
+        self._targets: dict[str, TargetData] = {}
+        self.controls = load_controls(plan, self.image_size)
+        self.bar: Any = None
+
+    def target(self, name: str) -> TargetData:
+        if name not in self._targets:
+            self._targets[name] = load_target(name, self.image_size, self.plan)
+        return self._targets[name]
+
+    def _config(self, method: Method, lr: float, seed: int, **fields: Any) -> ContinualConfig:
+        p = self.plan
+        base = dict(
+            method=method.runner_method,
+            sessions=p.sessions,
+            disjoint_classes=p.disjoint_classes,
+            shots=1,
+            epochs=p.epochs,
+            lr=lr or 1.0,  # zero-shot trains nothing; the runner still wants a positive rate
+            batch_size=p.batch_size,
+            loss=p.loss,
+            r=p.r,
+            lora_alpha=p.lora_alpha,
+            top_k_heads=p.top_k_heads,
+            sparsity=p.sparsity,
+            init_text=p.init_text,
+            prompt_rank=p.prompt_rank,
+            seed=seed,
+        )
+        return ContinualConfig(**{**base, **fields})
+
+    def _run(self, key: dict, method: Method, config: ContinualConfig, train, test, controls) -> tuple[dict, Any]:
+        runner = BenchmarkRunner(
+            copy.deepcopy(self.model), self.tokenizer, train, test, controls, config, head_scoring=method.head_scoring
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing deprecation
+            result = runner.run(show_progress=False)
+        record = {
+            "columns": result.columns,
+            "rows": result.rows,
+            "target_improvement": result.target_improvement,
+            "control_change": result.control_change,
+            "trainable_params": max(result.trainable_params, default=0),
+            "seconds": result.seconds,
+            "train_seconds": result.seconds - runner.eval_seconds,
+        }
+        logger.info(
+            "%s: final %s (%.1fs)",
+            json.dumps({k: v for k, v in key.items() if k != "plan"}),
+            [round(100 * v, 1) for v in result.rows[-1]],
+            result.seconds,
+        )
+        if self.bar is not None:
+            self.bar.update(1)
+        return record, runner
+
+    # ---------------------------------------------------------------------------------------------- continual
+
+    def continual_run(self, target: str, shots: int, method: Method, lr: float, seed: int, split: str) -> dict:
+        """One continual run; ``split="val"`` trains on the pool and evaluates the target's validation split only."""
+        key = dict(kind="continual", target=target, shots=shots, method=method.name, lr=lr, seed=seed, split=split)
+        key["plan"] = self.fingerprint
+
+        def run() -> dict:
+            data = self.target(target)
+            test, controls = (data.val, {}) if split == "val" else (data.test, self.controls)
+            config = self._config(method, lr, seed, shots=shots)
+            return self._run(key, method, config, data.pool, test, controls)[0]
+
+        return self.cache.get_or_run(key, run)
+
+    def select_lr(self, grid: list[float], evaluate: Callable[[float, int], float]) -> dict:
+        """Mean validation accuracy of every grid value over the selection seeds; the best (ties: smaller lr)."""
+        scores = {}
+        for lr in grid:
+            scores[lr] = sum(evaluate(lr, seed) for seed in self.plan.selection_seeds) / len(self.plan.selection_seeds)
+        chosen = max(sorted(scores), key=lambda lr: scores[lr])  # max keeps the first (smallest) of equal scores
+        return {"grid": [[lr, acc] for lr, acc in scores.items()], "chosen": chosen}
+
+    def method_entry(
+        self, method: Method, val_score: Callable[[float, int], float], final: Callable[[float, int], dict]
+    ) -> dict:
+        """Pick the lr of ``method`` by ``val_score(lr, seed)``, then ``final(lr, seed)`` for every seed."""
+        if method.grid:
+            selection = self.select_lr(self.plan.grids[method.grid], val_score)
+            lr = selection["chosen"]
+        else:
+            selection, lr = None, 0.0
+        seeds = self.plan.seeds if method.grid else self.plan.seeds[:1]  # zero-shot does not depend on the seed
+        return {"lr": lr, "lr_selection": selection, "runs": [{"seed": s, **final(lr, s)} for s in seeds]}
+
+    def continual_setting(self, target: str, shots: int) -> dict:
+        setting: dict[str, Any] = {"target": target, "shots": shots, "methods": {}}
+        for name in self.plan.methods:
+            m = METHODS[name]
+            entry = self.method_entry(
+                m,
+                lambda lr, seed, m=m: self.continual_run(target, shots, m, lr, seed, "val")["rows"][-1][0],
+                lambda lr, seed, m=m: self.continual_run(target, shots, m, lr, seed, "test"),
+            )
+            setting["columns"] = entry["runs"][0]["columns"]
+            setting["methods"][name] = entry
+            logger.info("%s %d-shot %s done (lr %g)", target, shots, name, entry["lr"])
+        return setting
+
+    # ---------------------------------------------------------------------------------------------- base-to-new
+
+    def b2n_run(self, dataset: str, init_text: str, method: Method, lr: float, seed: int, split: str) -> dict:
+        """Train ``method`` on the base classes only (one session of ``b2n_shots`` per class); ``split="val"``
+        returns the base-class validation accuracy, ``"test"`` base / new / H on the test split."""
+        key = dict(kind="b2n", dataset=dataset, init_text=init_text, method=method.name, lr=lr, seed=seed, split=split)
+        key["plan"] = self.fingerprint
+
+        def run() -> dict:
+            data = self.target(dataset)
+            pool, val = base_only(data.pool), base_only(data.val)
+            config = self._config(
+                method,
+                lr,
+                seed,
+                sessions=1,
+                shots=self.plan.b2n_shots,
+                epochs=self.plan.b2n_epochs,
+                init_text=init_text,
+                disjoint_classes=False,
+            )
+            record, runner = self._run(key, method, config, pool, val, {})
+            if split == "test":
+                prompts = build_class_prompts(data.test.class_names, init_text=init_text)
+                loader = [
+                    {"pixel_values": data.test.pixel_values[i : i + 256], "labels": data.test.labels[i : i + 256]}
+                    for i in range(0, len(data.test.labels), 256)
+                ]
+                b2n = evaluate_base_to_new(runner.final_model, loader, prompts, self.tokenizer)
+                record.update(base=b2n.base_accuracy, new=b2n.new_accuracy, harmonic=b2n.harmonic_mean)
+            return record
+
+        return self.cache.get_or_run(key, run)
+
+    def b2n_setting(self, dataset: str, init_text: str) -> dict:
+        setting: dict[str, Any] = {"dataset": dataset, "init_text": init_text, "methods": {}}
+        for name in self.plan.b2n_methods:
+            m = METHODS[name]
+            setting["methods"][name] = self.method_entry(
+                m,
+                lambda lr, seed, m=m: self.b2n_run(dataset, init_text, m, lr, seed, "val")["rows"][-1][0],
+                lambda lr, seed, m=m: self.b2n_run(dataset, init_text, m, lr, seed, "test"),
+            )
+        return setting
+
+    def total_runs(self) -> int:
+        p = self.plan
+        trained = [m for m in p.methods if METHODS[m].grid]
+        per_setting = sum(len(p.grids[METHODS[m].grid]) * len(p.selection_seeds) + len(p.seeds) for m in trained)
+        per_setting += "zero_shot" in p.methods
+        b2n_trained = [m for m in p.b2n_methods if METHODS[m].grid]
+        per_b2n = sum(len(p.grids[METHODS[m].grid]) * len(p.selection_seeds) + len(p.seeds) for m in b2n_trained)
+        per_b2n += "zero_shot" in p.b2n_methods
+        return len(p.targets) * len(p.shots) * per_setting + len(p.b2n_datasets) * len(p.b2n_init_texts) * per_b2n
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.accuracy",
+        description="Continual few-shot accuracy of LoRSU vs LoRA / full fine-tuning / sparse update / random heads, "
+        "and RLP vs CoOp base-to-new, on the packaged mini-CLIP or any CLIP given by --model.",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="tiny run (seconds) to check the pipeline")
+    mode.add_argument("--report-only", action="store_true", help="rebuild accuracy.md and plots from accuracy.json")
+    parser.add_argument("--out", default="docs/benchmarks", help="output folder (default: docs/benchmarks)")
+    parser.add_argument("--model", default=None, help="CLIP hub name or folder (default: the packaged mini-CLIP)")
+    parser.add_argument(
+        "--target",
+        action="append",
+        help="target dataset (repeatable; default: digits and "
+        "fashion_mnist:inverted); local source, hub name, optionally :inverted / :rotated / ...",
+    )
+    parser.add_argument(
+        "--control", action="append", help="control dataset (repeatable; default: fashion_mnist, animal_mnist)"
+    )
+    parser.add_argument("--b2n", action="append", help="base-to-new dataset (repeatable)")
+    parser.add_argument("--method", action="append", choices=list(METHODS), help="methods (repeatable; default all)")
+    parser.add_argument("--shots", type=int, nargs="+", help="shots per class per session (default: 5 10)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the final runs (default: 0 1 2)")
+    parser.add_argument("--epochs", type=int, help="epochs per session")
+    parser.add_argument(
+        "--disjoint",
+        action="store_true",
+        help="the paper's class-disjoint sessions (default: every session holds every class)",
+    )
+    parser.add_argument("--r", type=int, help="rank of LoRSU and LoRA (lora_alpha follows)")
+    parser.add_argument("--top-k-heads", type=int, help="LoRSU heads per layer")
+    parser.add_argument("--sparsity", type=float, help="LoRSU / sparse-update fc1 fraction")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
+    parser.add_argument("--resume", action="store_true", help="reuse the finished runs in <out>/accuracy_runs.jsonl")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every run")
+    return parser.parse_args(argv)
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    plan = copy.deepcopy(PLANS["smoke" if args.smoke else "full"])
+    overrides = {
+        "model": args.model,
+        "targets": args.target,
+        "controls": args.control,
+        "b2n_datasets": args.b2n,
+        "methods": args.method,
+        "shots": args.shots,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "top_k_heads": args.top_k_heads,
+        "sparsity": args.sparsity,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(plan, name, value)
+    if args.disjoint:
+        plan.disjoint_classes = True
+    if args.r is not None:
+        plan.r, plan.lora_alpha = args.r, float(args.r)
+    if "zero_shot" not in plan.methods:
+        plan.methods.insert(0, "zero_shot")
+    if not head_scoring_available():
+        dropped = [m for m in plan.methods if METHODS[m].head_scoring]
+        if dropped:
+            logger.warning("this peft_lorsu has no LoRSUConfig.head_scoring: skipping %s", dropped)
+        plan.methods = [m for m in plan.methods if not METHODS[m].head_scoring]
+    return plan
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads((out / "accuracy.json").read_text())
+        accuracy_report.write_report(results, out)
+        return 0
+    torch.set_num_threads(args.threads)
+    plan = build_plan(args)
+    start = time.perf_counter()
+    bench = Bench(plan, out, resume=args.resume)
+    results: dict[str, Any] = {
+        "mode": "smoke" if args.smoke else "full",
+        "command": "python -m benchmarks.accuracy " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": args.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "plan": dataclasses.asdict(plan),
+        "model": plan.model or "packaged mini-CLIP (peft_lorsu/assets/mini-clip)",
+        "data": {},
+        "methods": {m: dataclasses.asdict(METHODS[m]) for m in plan.methods},
+        "continual": [],
+        "base_to_new": [],
+    }
+    bench.bar = tqdm(total=bench.total_runs(), desc="accuracy runs", unit="run")
+    for target in plan.targets:
+        data = bench.target(target)
+        results["data"][target] = data.sizes()
+        for shots in plan.shots:
+            results["continual"].append(bench.continual_setting(target, shots))
+            accuracy_report.summarize(results)
+            (out / "accuracy.json").write_text(json.dumps(results, indent=1))  # checkpoint after every setting
+    for name, data in bench.controls.items():
+        results["data"][name] = {"test": len(data.labels), "classes": data.class_names}
+    for dataset in plan.b2n_datasets:
+        data = bench.target(dataset)
+        results["data"].setdefault(dataset, data.sizes())
+        for init_text in plan.b2n_init_texts:
+            results["base_to_new"].append(bench.b2n_setting(dataset, init_text))
+    bench.bar.close()
+    results["wall_seconds"] = time.perf_counter() - start
+    results["runs"] = len(bench.cache.records)
+    accuracy_report.summarize(results)
+    (out / "accuracy.json").write_text(json.dumps(results, indent=1))
+    accuracy_report.write_report(results, out)
+    logger.info("wrote %s (%d runs, %.1f min)", out / "accuracy.json", results["runs"], results["wall_seconds"] / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

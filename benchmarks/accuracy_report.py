@@ -1,0 +1,528 @@
+"""Summaries, target checks, Markdown and plots of the accuracy benchmark (``benchmarks/accuracy.py``).
+
+Everything here reads the results dictionary that ``accuracy.json`` holds, so a report can be rebuilt from the JSON
+alone (``python -m benchmarks.accuracy --report-only --out DIR``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+NOTES = Path(__file__).resolve().parent / "accuracy_notes.md"
+SESSIONS_PNG = "accuracy_sessions.png"
+SCATTER_PNG = "accuracy_ti_cc.png"
+B2N_PNG = "accuracy_b2n.png"
+
+
+# ------------------------------------------------------------------------------------------------------------ stats
+
+
+def mean_std(values: Sequence[float]) -> list[float]:
+    """``[mean, sample std]`` (std 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return [mean, std]
+
+
+def summarize_continual(entry: dict, columns: list[str]) -> dict:
+    runs = entry["runs"]
+    n_rows = len(runs[0]["rows"])
+    rows = [[mean_std([run["rows"][i][j] for run in runs]) for j in range(len(columns))] for i in range(n_rows)]
+    return {
+        "rows": rows,  # rows[session][column] = [mean, std]
+        "target_final": rows[-1][0],
+        "controls_final": {c: rows[-1][j] for j, c in enumerate(columns) if j > 0},
+        "target_improvement": mean_std([run["target_improvement"] for run in runs]),
+        "control_change": mean_std([run["control_change"] for run in runs]),
+        "trainable_params": max(run["trainable_params"] for run in runs),
+        "seconds": mean_std([run["seconds"] for run in runs]),
+        "train_seconds": mean_std([run["train_seconds"] for run in runs]),
+        "seeds": [run["seed"] for run in runs],
+    }
+
+
+def summarize_b2n(entry: dict) -> dict:
+    runs = entry["runs"]
+    return {
+        "base": mean_std([run["base"] for run in runs]) if "base" in runs[0] else None,
+        "new": mean_std([run["new"] for run in runs]) if "new" in runs[0] else None,
+        "harmonic": mean_std([run["harmonic"] for run in runs]) if "harmonic" in runs[0] else None,
+        "trainable_params": max(run["trainable_params"] for run in runs),
+        "train_seconds": mean_std([run["train_seconds"] for run in runs]),
+        "seeds": [run["seed"] for run in runs],
+    }
+
+
+def summarize(results: dict) -> None:
+    """Add a ``summary`` to every method entry and the ``targets`` checks (in place)."""
+    for setting in results["continual"]:
+        for entry in setting["methods"].values():
+            entry["summary"] = summarize_continual(entry, setting["columns"])
+    for setting in results["base_to_new"]:
+        for entry in setting["methods"].values():
+            entry["summary"] = summarize_b2n(entry)
+    results["targets"] = check_targets(results)
+
+
+# ------------------------------------------------------------------------------------------------------------ targets
+
+
+def _get(setting: dict, method: str) -> dict | None:
+    entry = setting["methods"].get(method)
+    return entry["summary"] if entry else None
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The targets of issue 11, per setting: ``{"setting", "target", "met", "detail"}`` (``met`` None: not run)."""
+    checks = []
+    for setting in results["continual"]:
+        label = f"{setting['target']}, {setting['shots']}-shot"
+        lorsu, full, lora = (_get(setting, m) for m in ("lorsu", "full", "lora"))
+        if lorsu and full:
+            ti, ti_full = lorsu["target_improvement"][0], full["target_improvement"][0]
+            ratio = ti / ti_full if ti_full > 0 else float("nan")
+            checks.append(
+                _check(
+                    label,
+                    "LoRSU TI >= 90% of full fine-tuning's TI",
+                    ti_full > 0 and ratio >= 0.9,
+                    f"TI {100 * ti:.1f} vs {100 * ti_full:.1f} pts ({100 * ratio:.0f}%)",
+                )
+            )
+        if lorsu and full and lora:
+            cc, cc_lora, cc_full = (s["control_change"][0] for s in (lorsu, lora, full))
+            checks.append(
+                _check(
+                    label,
+                    "LoRSU CC better than LoRA's and full fine-tuning's",
+                    cc > cc_lora and cc > cc_full,
+                    f"CC {100 * cc:+.1f} vs LoRA {100 * cc_lora:+.1f}, full {100 * cc_full:+.1f} pts",
+                )
+            )
+        if lorsu and lora:
+            p, p_lora = lorsu["trainable_params"], lora["trainable_params"]
+            checks.append(
+                _check(
+                    label,
+                    "LoRSU has fewer trainable parameters than LoRA (same rank)",
+                    p < p_lora,
+                    f"{p:,} vs {p_lora:,}",
+                )
+            )
+        for random_name in ("lorsu_random", "lorsu_random_heads"):
+            rand = _get(setting, random_name)
+            if lorsu and rand:
+                ti, ti_rand = lorsu["target_improvement"], rand["target_improvement"]
+                checks.append(
+                    _check(
+                        label,
+                        f"gradient heads beat random heads on TI (vs {random_name})",
+                        ti[0] > ti_rand[0],
+                        f"TI {100 * ti[0]:.1f} ± {100 * ti[1]:.1f} vs {100 * ti_rand[0]:.1f} ± "
+                        f"{100 * ti_rand[1]:.1f} pts at {lorsu['trainable_params']:,} / "
+                        f"{rand['trainable_params']:,} params",
+                    )
+                )
+    for setting in results["base_to_new"]:
+        rlp, coop = _get(setting, "rlp"), _get(setting, "coop")
+        if rlp and coop and rlp["harmonic"] and coop["harmonic"]:
+            h, h_coop = rlp["harmonic"][0], coop["harmonic"][0]
+            p, p_coop = rlp["trainable_params"], coop["trainable_params"]
+            checks.append(
+                _check(
+                    f"base-to-new {setting['dataset']}, context '{setting.get('init_text', '')}'",
+                    "RLP H >= CoOp H with <= 1/4 of its parameters",
+                    h >= h_coop and 4 * p <= p_coop,
+                    f"H {100 * h:.1f} vs {100 * h_coop:.1f}; params {p:,} vs {p_coop:,}",
+                )
+            )
+    return checks
+
+
+def _check(setting: str, target: str, met: bool, detail: str) -> dict:
+    return {"setting": setting, "target": target, "met": bool(met), "detail": detail}
+
+
+# ------------------------------------------------------------------------------------------------------------ markdown
+
+
+def pct(ms: Sequence[float] | None, signed: bool = False) -> str:
+    if ms is None:
+        return "-"
+    sign = "+" if signed else ""
+    return f"{100 * ms[0]:{sign}.1f} ± {100 * ms[1]:.1f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def continual_section(setting: dict, results: dict) -> list[str]:
+    columns = setting["columns"]
+    controls = columns[1:]
+    lines = [f"### {setting['target']}, {setting['shots']} shots per class per session", ""]
+    header = [
+        "method",
+        "trainable params",
+        "lr",
+        "target acc",
+        *[f"{c} acc" for c in controls],
+        "TI",
+        "CC",
+        "train s / run",
+    ]
+    rows = []
+    for name, entry in setting["methods"].items():
+        s = entry["summary"]
+        rows.append(
+            [
+                *_lead_cells(name, entry),
+                pct(s["target_final"]),
+                *[pct(s["controls_final"][c]) for c in controls],
+                pct(s["target_improvement"], signed=True),
+                pct(s["control_change"], signed=True),
+                f"{s['train_seconds'][0]:.1f}",
+            ]
+        )
+    lines += _table(header, rows)
+    zero = setting["methods"].get("zero_shot")
+    if zero:
+        base = zero["summary"]["rows"][0]
+        lines += ["", "Zero-shot: " + ", ".join(f"{c} {100 * base[j][0]:.1f}%" for j, c in enumerate(columns)) + "."]
+    lines += ["", "Target accuracy (%) after each session (mean over seeds; session 0 = zero-shot):", ""]
+    n_rows = max(len(e["summary"]["rows"]) for e in setting["methods"].values())
+    header = ["method", *[str(i) for i in range(n_rows)]]
+    rows = [
+        [f"`{name}`", *[f"{100 * r[0][0]:.1f}" for r in entry["summary"]["rows"]]]
+        for name, entry in setting["methods"].items()
+        if len(entry["summary"]["rows"]) == n_rows
+    ]
+    lines += _table(header, rows)
+    return lines + [""]
+
+
+def lr_section(results: dict) -> list[str]:
+    lines = ["## Learning rates", ""]
+    plan = results["plan"]
+    grids = ", ".join(f"{k}: {', '.join(f'{v:g}' for v in vals)}" for k, vals in plan["grids"].items())
+    methods = results["methods"]
+    families = {}
+    for name, m in methods.items():
+        if m["grid"]:
+            families.setdefault(m["grid"], []).append(f"`{name}`")
+    lines += [
+        f"Grids: {grids} ({'; '.join(k + ': ' + ', '.join(v) for k, v in families.items())}). Each value is run "
+        f"with seed(s) {', '.join(map(str, plan['selection_seeds']))} on the target's validation split (never its "
+        "test split); the best validation accuracy after the last session wins (ties go to the smaller rate), and "
+        "the final runs use that rate for every seed. Base-to-new picks on the *base* classes' validation images "
+        "only (new classes stay unseen). Validation accuracy (%) per grid value, the chosen one in bold:",
+        "",
+    ]
+    rows = []
+    for setting in results["continual"]:
+        label = f"{setting['target']} {setting['shots']}-shot"
+        for name, entry in setting["methods"].items():
+            if entry["lr_selection"]:
+                rows.append([label, f"`{name}`", _grid_cell(entry["lr_selection"])])
+    for setting in results["base_to_new"]:
+        for name, entry in setting["methods"].items():
+            if entry["lr_selection"]:
+                label = f"b2n {setting['dataset']} `{setting.get('init_text', '')}` (base val)"
+                rows.append([label, f"`{name}`", _grid_cell(entry["lr_selection"])])
+    lines += _table(["setting", "method", "lr: validation accuracy"], rows)
+    return lines + [""]
+
+
+def _lead_cells(name: str, entry: dict) -> list[str]:
+    """Method, trainable parameters, chosen learning rate."""
+    return [f"`{name}`", f"{entry['summary']['trainable_params']:,}", f"{entry['lr']:g}" if entry["lr"] else "-"]
+
+
+def _grid_cell(selection: dict) -> str:
+    cells = []
+    for lr, acc in selection["grid"]:
+        text = f"{lr:g}: {100 * acc:.1f}"
+        cells.append(f"**{text}**" if lr == selection["chosen"] else text)
+    return ", ".join(cells)
+
+
+def b2n_section(results: dict) -> list[str]:
+    plan = results["plan"]
+    lines = [
+        "## RLP vs CoOp: base-to-new",
+        "",
+        f"Each dataset's classes are split in two halves (the first ceil(C/2) are *base*). The prompt is trained on "
+        f"{plan['b2n_shots']} images per base class (one session, {plan['b2n_epochs']} epochs, batch "
+        f"{plan['batch_size']}, class-prompt cross-entropy, context initialised from the text named in each heading); "
+        "base accuracy B is "
+        "measured among the base classes, new accuracy N among the new classes, H = 2BN / (B + N), on the test split.",
+        "",
+    ]
+    for setting in results["base_to_new"]:
+        init = setting.get("init_text", plan["init_text"])
+        lines += [f"### {setting['dataset']}, context `{init}` ({len(init.split())} tokens)", ""]
+        rows = []
+        for name, entry in setting["methods"].items():
+            s = entry["summary"]
+            rows.append(
+                [
+                    *_lead_cells(name, entry),
+                    pct(s["base"]),
+                    pct(s["new"]),
+                    pct(s["harmonic"]),
+                ]
+            )
+        lines += _table(["method", "trainable params", "lr", "B", "N", "H"], rows) + [""]
+    return lines
+
+
+def targets_section(results: dict) -> list[str]:
+    lines = ["## Targets", "", "Comparisons are between means over the seeds.", ""]
+    rows = [[c["setting"], c["target"], "met" if c["met"] else "**not met**", c["detail"]] for c in results["targets"]]
+    return lines + _table(["setting", "target", "result", "numbers"], rows) + [""]
+
+
+def protocol_section(results: dict) -> list[str]:
+    plan, data = results["plan"], results["data"]
+    steps = {}
+    for shots in plan["shots"]:
+        per_session = math.ceil(2 * shots / plan["batch_size"])  # 10 classes over 5 sessions: 2 classes a session
+        steps[shots] = per_session * plan["epochs"]
+    sizes = []
+    for name, d in data.items():
+        if "pool" in d:
+            sizes.append(
+                f"`{name}`: {d['pool']} train images to draw sessions from, {d['val']} validation (from "
+                f"train), {d['test']} test"
+            )
+        else:
+            sizes.append(f"`{name}`: {d['test']} test images")
+    return [
+        "## Protocol",
+        "",
+        f"- Continual few-shot (CL-T, the LoRSU paper's setting): each target's classes are split into "
+        f"{plan['sessions']} sessions with disjoint classes; a session holds {' or '.join(map(str, plan['shots']))} "
+        "training images per class, drawn with the run's seed, never shared between sessions. After every session the "
+        "update is merged into the weights and the model is evaluated zero-shot (prompt "
+        f"`{plan['init_text']} {{class}}.`) on the target's test images (all of its classes) and on every control.",
+        f"- TI = target accuracy after the last session minus zero-shot; CC = mean over controls of the same "
+        "difference (negative = forgetting). Means ± sample std over seeds "
+        f"{', '.join(map(str, plan['seeds']))}.",
+        "- Data: " + "; ".join(sizes) + f". Test and control sets are class-stratified subsamples (at most "
+        f"{plan['test_per_class']} / {plan['control_per_class']} images per class, fixed seed) "
+        "to keep evaluation cheap.",
+        f"- Optimisation, identical for every method: AdamW, constant lr (per method, see below), no weight decay, "
+        f"batch {plan['batch_size']}, {plan['epochs']} epochs per session: "
+        + ", ".join(f"{s}-shot = {n} optimizer steps per session" for s, n in steps.items())
+        + f". Vision methods use CLIP's contrastive loss on template captions (`loss={plan['loss']!r}`, the paper's); "
+        "RLP / CoOp train the text context with the class-prompt cross-entropy and keep it across sessions.",
+        f"- Ranks and sizes: LoRSU and LoRA r = {plan['r']}, alpha = {plan['lora_alpha']:g}; LoRSU top_k_heads = "
+        f"{plan['top_k_heads']}, sparsity = {plan['sparsity']}; `spu` uses the same fc1 sparsity; RLP rank "
+        f"{plan['prompt_rank']}, CoOp full rank, both with {len(plan['init_text'].split())} context tokens "
+        f"initialised from `{plan['init_text']}`.",
+        "",
+    ]
+
+
+def methods_section(results: dict) -> list[str]:
+    rows = [[f"`{name}`", m["side"], m["description"]] for name, m in results["methods"].items()]
+    return ["## Methods", ""] + _table(["method", "tower", "what is trained each session"], rows) + [""]
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    plan = results["plan"]
+    wall = results.get("wall_seconds", 0.0)
+    lines = [
+        "# Accuracy benchmark: LoRSU vs baselines on a pretrained mini-CLIP",
+        "",
+        "**What this is.** A CPU-size experiment: the model is the packaged *mini-CLIP* "
+        "(`peft_lorsu/assets/mini-clip`, a 7.95M-parameter `transformers.CLIPModel`, width 128, 4 + 4 layers, "
+        "8 heads, pretrained from scratch by this project on 28x28 grey Fashion-MNIST and Animal-MNIST images with "
+        "template captions; see its model card). It is not OpenAI's CLIP, the images are tiny, and the absolute "
+        "numbers say nothing about ViT-L/14 on real photos; what carries over is the comparison between methods "
+        "under identical data, steps and evaluation. The same script runs on a real CLIP given a hub name and real "
+        "datasets, e.g. `python -m benchmarks.accuracy --model openai/clip-vit-base-patch16 --target <hub dataset> "
+        "--control <hub dataset> --r 64` (images are resized to the model's input size).",
+        "",
+        f"Command: `{results['command']}` ({results['mode']} mode), {results['date']}. "
+        f"Wall time {wall / 60:.1f} min on {results['machine']['cpus']} shared CPU cores "
+        f"({results['machine']['torch_threads']} torch thread), {results.get('runs', '?')} training runs; "
+        f"model: {results['model']}.",
+        "",
+    ]
+    lines += targets_section(results)
+    lines += [
+        "## Continual few-shot results",
+        "",
+        f"Target and control accuracy (%) after the last of {plan['sessions']} sessions, TI and CC in points, "
+        "training seconds per run (probe + training, without evaluation). Plots: "
+        f"[per session]({SESSIONS_PNG}), [TI vs CC]({SCATTER_PNG}).",
+        "",
+        f"![accuracy per session]({SESSIONS_PNG})",
+        "",
+        f"![TI vs CC]({SCATTER_PNG})",
+        "",
+    ]
+    for setting in results["continual"]:
+        lines += continual_section(setting, results)
+    if results["base_to_new"]:
+        lines += b2n_section(results) + [f"![base-to-new]({B2N_PNG})", ""]
+    lines += protocol_section(results)
+    lines += methods_section(results)
+    lines += lr_section(results)
+    if NOTES.exists() and results["mode"] != "smoke":
+        lines += [NOTES.read_text().strip(), ""]
+    path.write_text("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------------------ plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sessions(results: dict, path: Path) -> None:
+    """Rows: settings; columns: target and controls; one line per method (mean, band = ± std)."""
+    plt = _pyplot()
+    settings = results["continual"]
+    n_cols = max(len(s["columns"]) for s in settings)
+    fig, axes = plt.subplots(len(settings), n_cols, figsize=(4.2 * n_cols, 3.1 * len(settings)), squeeze=False)
+    colors = _colors(results)
+    for i, setting in enumerate(settings):
+        for j, column in enumerate(setting["columns"]):
+            ax = axes[i][j]
+            for name, entry in setting["methods"].items():
+                rows = entry["summary"]["rows"]
+                mean = [100 * r[j][0] for r in rows]
+                std = [100 * r[j][1] for r in rows]
+                x = list(range(len(rows)))
+                style = "--" if name == "zero_shot" else "-"
+                ax.plot(x, mean, style, marker="o", ms=3, color=colors[name], label=name)
+                ax.fill_between(
+                    x,
+                    [m - s for m, s in zip(mean, std)],
+                    [m + s for m, s in zip(mean, std)],
+                    color=colors[name],
+                    alpha=0.12,
+                )
+            role = "target" if j == 0 else "control"
+            name = setting["target"] if j == 0 else column
+            ax.set_title(f"{setting['target']} {setting['shots']}-shot: {role} {name}", fontsize=9)
+            ax.set_xlabel("session (0 = zero-shot)", fontsize=8)
+            ax.set_ylabel("accuracy (%)", fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    _save(fig, path)
+
+
+def plot_ti_cc(results: dict, path: Path) -> None:
+    """TI against CC per setting; marker area proportional to the square root of the trainable parameters."""
+    plt = _pyplot()
+    settings = results["continual"]
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 4.2), squeeze=False)
+    colors = _colors(results)
+    largest = max(e["summary"]["trainable_params"] for s in settings for e in s["methods"].values()) or 1
+    for ax, setting in zip(axes[0], settings):
+        for name, entry in setting["methods"].items():
+            s = entry["summary"]
+            if name == "zero_shot":
+                continue
+            ti, cc = s["target_improvement"], s["control_change"]
+            size = 20 + 600 * math.sqrt(s["trainable_params"] / largest)
+            ax.errorbar(
+                100 * ti[0],
+                100 * cc[0],
+                xerr=100 * ti[1],
+                yerr=100 * cc[1],
+                fmt="none",
+                ecolor=colors[name],
+                alpha=0.5,
+            )
+            ax.scatter(
+                100 * ti[0],
+                100 * cc[0],
+                s=size,
+                color=colors[name],
+                alpha=0.7,
+                edgecolors="k",
+                label=f"{name} ({_short(s['trainable_params'])})",
+            )
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_title(f"{setting['target']} {setting['shots']}-shot", fontsize=9)
+        ax.set_xlabel("target improvement TI (pts)", fontsize=8)
+        ax.set_ylabel("control change CC (pts)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best", markerscale=0.4)
+    fig.suptitle("TI vs CC (up-right is better); marker area ~ sqrt(trainable parameters)", fontsize=9)
+    _save(fig, path)
+
+
+def plot_b2n(results: dict, path: Path) -> None:
+    plt = _pyplot()
+    settings = results["base_to_new"]
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 3.4), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        names = list(setting["methods"])
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            s = setting["methods"][name]["summary"]
+            values = [s[m] for m in ("base", "new", "harmonic")]
+            x = [i + (k - (len(names) - 1) / 2) * width for i in range(3)]
+            ax.bar(
+                x,
+                [100 * v[0] for v in values],
+                width,
+                yerr=[100 * v[1] for v in values],
+                capsize=2,
+                label=f"{name} ({_short(s['trainable_params'])})",
+            )
+        ax.set_xticks(range(3), ["base B", "new N", "H"])
+        ax.set_ylabel("accuracy (%)", fontsize=8)
+        ax.set_title(f"base-to-new: {setting['dataset']}\ncontext '{setting.get('init_text', '')}'", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def _short(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
+def _colors(results: dict) -> dict[str, Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10")
+    names = list(results["methods"])
+    return {name: ("black" if name == "zero_shot" else cmap(i % 10)) for i, name in enumerate(names)}
+
+
+def write_report(results: dict, out: Path) -> list[Path]:
+    """Write ``accuracy.md`` and the PNGs into ``out``; returns their paths."""
+    paths = [out / "accuracy.md"]
+    write_markdown(results, paths[0])
+    if results["continual"]:
+        plot_sessions(results, out / SESSIONS_PNG)
+        plot_ti_cc(results, out / SCATTER_PNG)
+        paths += [out / SESSIONS_PNG, out / SCATTER_PNG]
+    if results["base_to_new"]:
+        plot_b2n(results, out / B2N_PNG)
+        paths.append(out / B2N_PNG)
+    return paths

@@ -46,6 +46,7 @@ from peft_lorsu.objectives import base_to_new_split, build_class_prompts, evalua
 from peft_lorsu.resources import load_clip
 
 from . import accuracy_report
+from .accuracy_report import mean_std
 
 logger = logging.getLogger("benchmarks.accuracy")
 
@@ -62,7 +63,12 @@ class Method:
     grid: str  # key of Plan.grids; "" for zero-shot
     side: str  # "vision", "text" or "-"
     description: str
-    head_scoring: str | None = None  # LoRSU variants of issue 12 (peft_lorsu.lorsu.scoring)
+    lorsu_options: dict[str, Any] | None = None  # LoRSUConfig fields of a LoRSU variant (head_scoring, ...)
+
+    @property
+    def head_scoring(self) -> str | None:
+        """The head-scoring strategy of issue 12 this variant needs (``peft_lorsu.lorsu.scoring``), if any."""
+        return (self.lorsu_options or {}).get("head_scoring")
 
 
 METHODS: dict[str, Method] = {
@@ -75,14 +81,48 @@ METHODS: dict[str, Method] = {
         Method("lorsu", "lorsu", "adapter", "vision", "LoRSU: gradient-chosen heads + top-S fc1 (+ biases, proj.)"),
         Method("lorsu_random", "lorsu_random", "adapter", "vision", "LoRSU with random heads and random fc1 entries"),
         Method(
-            "lorsu_random_heads", "lorsu", "adapter", "vision", "LoRSU with random heads, fc1 by gradient", "random"
+            "lorsu_random_heads",
+            "lorsu",
+            "adapter",
+            "vision",
+            "LoRSU with random heads, fc1 by gradient",
+            {"head_scoring": "random"},
         ),
-        Method("lorsu_fisher", "lorsu", "adapter", "vision", "LoRSU, heads by per-sample Fisher score", "fisher"),
+        Method(
+            "lorsu_fisher",
+            "lorsu",
+            "adapter",
+            "vision",
+            "LoRSU, heads by per-sample Fisher score",
+            {"head_scoring": "fisher"},
+        ),
         Method("rlp", "rlp", "prompt", "text", "RLP: rank-1 low-rank text context (CoOp style)"),
         Method("coop", "coop", "prompt", "text", "CoOp: full-rank text context"),
     )
 }
 PROMPT_METHODS = ("rlp", "coop")
+_NO_EXTRAS = {"adapt_projection": False, "train_biases": False}
+_HEADS_ONLY = {"adapt_mlp": False, **_NO_EXTRAS}
+# LoRSU variants of the investigation (validation data only): which part of LoRSU forgets, does the head choice matter
+VARIANTS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("lorsu_no_proj", "lorsu", "adapter", "vision", "LoRSU without the projection adapter",
+               {"adapt_projection": False}),
+        Method("lorsu_no_bias", "lorsu", "adapter", "vision", "LoRSU without dense q/k/v/fc1 biases",
+               {"train_biases": False}),
+        Method("lorsu_core", "lorsu", "adapter", "vision", "LoRSU heads + fc1 only (no biases, no projection)",
+               _NO_EXTRAS),
+        Method("lorsu_k1", "lorsu", "adapter", "vision", "LoRSU with top_k_heads = 1", {"top_k_heads": 1}),
+        Method("lorsu_r8", "lorsu", "adapter", "vision", "LoRSU with r = alpha = 8", {"r": 8, "lora_alpha": 8.0}),
+        Method("lorsu_s05", "lorsu", "adapter", "vision", "LoRSU with sparsity 0.05", {"sparsity": 0.05}),
+        Method("heads_only", "lorsu", "adapter", "vision", "gradient-chosen heads only (no fc1, biases, proj.)",
+               _HEADS_ONLY),
+        Method("heads_only_random", "lorsu", "adapter", "vision", "random heads only (no fc1, biases, proj.)",
+               {**_HEADS_ONLY, "head_scoring": "random"}),
+    )
+}  # fmt: skip
+ALL_METHODS = {**METHODS, **VARIANTS}
 
 
 def head_scoring_available() -> bool:
@@ -91,11 +131,11 @@ def head_scoring_available() -> bool:
 
 
 class BenchmarkRunner(ContinualRunner):
-    """:class:`ContinualRunner` plus the LoRSU head-scoring variants, and the evaluation time kept apart."""
+    """:class:`ContinualRunner` plus LoRSU variants (other LoRSUConfig fields), and the evaluation time kept apart."""
 
-    def __init__(self, *args: Any, head_scoring: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lorsu_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.head_scoring = head_scoring
+        self.lorsu_options = lorsu_options or {}
         self.eval_seconds = 0.0
 
     def evaluate(self, model: torch.nn.Module) -> list[float]:
@@ -105,19 +145,13 @@ class BenchmarkRunner(ContinualRunner):
         return accs
 
     def _adapt(self, model: torch.nn.Module, session: int, probe_data: list[dict]) -> torch.nn.Module:
-        if self.head_scoring is None:
+        if not self.lorsu_options:
             return super()._adapt(model, session, probe_data)
         cfg = self.config
-        lorsu = LoRSUConfig(
-            r=cfg.r,
-            lora_alpha=cfg.lora_alpha,
-            top_k_heads=cfg.top_k_heads,
-            sparsity=cfg.sparsity,
-            head_scoring=self.head_scoring,
-            seed=cfg.seed + session,
-        )
+        fields = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, top_k_heads=cfg.top_k_heads, sparsity=cfg.sparsity)
+        lorsu = LoRSUConfig(**{**fields, **self.lorsu_options}, seed=cfg.seed + session)
         # fisher needs per-sample losses: the probe's default gives them for CLIP's contrastive loss
-        loss_fn = None if self.head_scoring == "fisher" else self._loss_fn()
+        loss_fn = None if self.lorsu_options.get("head_scoring") == "fisher" else self._loss_fn()
         probe_lorsu(model, lorsu, probe_data, loss_fn=loss_fn, show_progress=False)
         return get_peft_model(model, lorsu)  # the runner merges every session (merge=True): a plain model comes in
 
@@ -156,6 +190,17 @@ class Plan:
     pool_per_class: int = 200  # train images per class the sessions are drawn from (the rest of train is unused)
     test_per_class: int = 100  # evaluation subsample of the target's test split (all images if fewer)
     control_per_class: int = 100  # evaluation subsample of each control's test split
+    control_val_per_class: int = 100  # investigation only: control images from their train splits (pretraining data)
+    # the investigation (validation data only): LoRSU variants and baselines over a wider lr grid
+    investigate_targets: list[str] = dataclasses.field(default_factory=lambda: ["digits", "fashion_mnist:inverted"])
+    investigate_shots: int = 5
+    investigate_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    investigate_methods: list[str] = dataclasses.field(
+        default_factory=lambda: ["full", "lora", "spu", "lorsu", "lorsu_random_heads", *VARIANTS]
+    )
+    investigate_grids: dict[str, list[float]] = dataclasses.field(
+        default_factory=lambda: {"full": [1e-5, 3e-5, 1e-4, 3e-4], "adapter": [3e-4, 1e-3, 3e-3, 1e-2]}
+    )
     b2n_datasets: list[str] = dataclasses.field(default_factory=lambda: ["fashion_mnist:inverted", "digits"])
     b2n_methods: list[str] = dataclasses.field(default_factory=lambda: ["zero_shot", "rlp", "coop"])
     b2n_shots: int = 16
@@ -182,7 +227,9 @@ class Plan:
             "b2n_datasets",
             "b2n_methods",
             "b2n_init_texts",
+            "control_val_per_class",
         }
+        outside |= {f.name for f in dataclasses.fields(self) if f.name.startswith("investigate_")}
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in outside}
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -207,6 +254,11 @@ PLANS: dict[str, Plan] = {
         b2n_shots=2,
         b2n_epochs=1,
         b2n_init_texts=["a photo of a"],
+        control_val_per_class=3,
+        investigate_targets=["digits"],
+        investigate_shots=1,
+        investigate_methods=["lora", "lorsu", "lorsu_core"],
+        investigate_grids={"full": [1e-4], "adapter": [1e-3, 1e-2]},
     ),
 }
 
@@ -341,6 +393,17 @@ class Bench:
         self.controls = load_controls(plan, self.image_size)
         self.bar: Any = None
 
+    def control_val(self) -> dict[str, ClassificationSet]:
+        """Validation images of the controls: ``control_val_per_class`` per class from their *train* splits (images
+        the mini-CLIP was pretrained on), so that forgetting can be measured without their test images."""
+        if not hasattr(self, "_control_val"):
+            self._control_val = {}
+            for name in self.plan.controls:
+                data = load_labeled(name, "train")
+                idx = per_class_indices(data.labels, self.plan.control_val_per_class, self.plan.split_seed)
+                self._control_val[name] = as_pixels(data, idx, self.image_size)
+        return self._control_val
+
     def target(self, name: str) -> TargetData:
         if name not in self._targets:
             self._targets[name] = load_target(name, self.image_size, self.plan)
@@ -369,7 +432,13 @@ class Bench:
 
     def _run(self, key: dict, method: Method, config: ContinualConfig, train, test, controls) -> tuple[dict, Any]:
         runner = BenchmarkRunner(
-            copy.deepcopy(self.model), self.tokenizer, train, test, controls, config, head_scoring=method.head_scoring
+            copy.deepcopy(self.model),
+            self.tokenizer,
+            train,
+            test,
+            controls,
+            config,
+            lorsu_options=method.lorsu_options,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing deprecation
@@ -396,13 +465,21 @@ class Bench:
     # ---------------------------------------------------------------------------------------------- continual
 
     def continual_run(self, target: str, shots: int, method: Method, lr: float, seed: int, split: str) -> dict:
-        """One continual run; ``split="val"`` trains on the pool and evaluates the target's validation split only."""
+        """One continual run, trained on the pool; evaluated on ``split``: ``"val"`` the target's validation images,
+        ``"val+controls"`` those and the controls' validation images (from their train splits), ``"test"`` the
+        target's and the controls' test images."""
         key = dict(kind="continual", target=target, shots=shots, method=method.name, lr=lr, seed=seed, split=split)
         key["plan"] = self.fingerprint
+        if split == "val+controls":
+            key["control_val_per_class"] = self.plan.control_val_per_class
 
         def run() -> dict:
             data = self.target(target)
-            test, controls = (data.val, {}) if split == "val" else (data.test, self.controls)
+            test, controls = {
+                "val": (data.val, {}),
+                "val+controls": (data.val, self.control_val()),
+                "test": (data.test, self.controls),
+            }[split]
             config = self._config(method, lr, seed, shots=shots)
             return self._run(key, method, config, data.pool, test, controls)[0]
 
@@ -431,7 +508,7 @@ class Bench:
     def continual_setting(self, target: str, shots: int) -> dict:
         setting: dict[str, Any] = {"target": target, "shots": shots, "methods": {}}
         for name in self.plan.methods:
-            m = METHODS[name]
+            m = ALL_METHODS[name]
             entry = self.method_entry(
                 m,
                 lambda lr, seed, m=m: self.continual_run(target, shots, m, lr, seed, "val")["rows"][-1][0],
@@ -479,7 +556,7 @@ class Bench:
     def b2n_setting(self, dataset: str, init_text: str) -> dict:
         setting: dict[str, Any] = {"dataset": dataset, "init_text": init_text, "methods": {}}
         for name in self.plan.b2n_methods:
-            m = METHODS[name]
+            m = ALL_METHODS[name]
             setting["methods"][name] = self.method_entry(
                 m,
                 lambda lr, seed, m=m: self.b2n_run(dataset, init_text, m, lr, seed, "val")["rows"][-1][0],
@@ -487,15 +564,47 @@ class Bench:
             )
         return setting
 
+    # ---------------------------------------------------------------------------------------------- investigation
+
+    def investigation(self, target: str) -> dict:
+        """Validation-only trade-off of every investigated method over its wider lr grid: TI and CC measured on the
+        target's and the controls' validation images (no test image is used)."""
+        p = self.plan
+        shots = p.investigate_shots
+        out: dict[str, Any] = {"target": target, "shots": shots, "seeds": p.investigate_seeds, "methods": {}}
+        for name in p.investigate_methods:
+            m = ALL_METHODS[name]
+            points = []
+            for lr in p.investigate_grids[m.grid]:
+                runs = [self.continual_run(target, shots, m, lr, s, "val+controls") for s in p.investigate_seeds]
+                points.append(
+                    {
+                        "lr": lr,
+                        "target_val": mean_std([r["rows"][-1][0] for r in runs]),
+                        "ti_val": mean_std([r["target_improvement"] for r in runs]),
+                        "cc_val": mean_std([r["control_change"] for r in runs]),
+                    }
+                )
+            out["columns"] = runs[0]["columns"]
+            out["zero_shot_val"] = runs[0]["rows"][0]
+            out["methods"][name] = {
+                "description": m.description,
+                "trainable_params": runs[0]["trainable_params"],
+                "points": points,
+            }
+        return out
+
     def total_runs(self) -> int:
         p = self.plan
-        trained = [m for m in p.methods if METHODS[m].grid]
-        per_setting = sum(len(p.grids[METHODS[m].grid]) * len(p.selection_seeds) + len(p.seeds) for m in trained)
+        trained = [m for m in p.methods if ALL_METHODS[m].grid]
+        per_setting = sum(len(p.grids[ALL_METHODS[m].grid]) * len(p.selection_seeds) + len(p.seeds) for m in trained)
         per_setting += "zero_shot" in p.methods
-        b2n_trained = [m for m in p.b2n_methods if METHODS[m].grid]
-        per_b2n = sum(len(p.grids[METHODS[m].grid]) * len(p.selection_seeds) + len(p.seeds) for m in b2n_trained)
+        b2n_trained = [m for m in p.b2n_methods if ALL_METHODS[m].grid]
+        per_b2n = sum(len(p.grids[ALL_METHODS[m].grid]) * len(p.selection_seeds) + len(p.seeds) for m in b2n_trained)
         per_b2n += "zero_shot" in p.b2n_methods
-        return len(p.targets) * len(p.shots) * per_setting + len(p.b2n_datasets) * len(p.b2n_init_texts) * per_b2n
+        total = len(p.targets) * len(p.shots) * per_setting + len(p.b2n_datasets) * len(p.b2n_init_texts) * per_b2n
+        per_study = sum(len(p.investigate_grids[ALL_METHODS[m].grid]) for m in p.investigate_methods)
+        return total + len(p.investigate_targets) * per_study * len(p.investigate_seeds)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -522,7 +631,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--control", action="append", help="control dataset (repeatable; default: fashion_mnist, animal_mnist)"
     )
     parser.add_argument("--b2n", action="append", help="base-to-new dataset (repeatable)")
-    parser.add_argument("--method", action="append", choices=list(METHODS), help="methods (repeatable; default all)")
+    parser.add_argument(
+        "--method", action="append", choices=list(ALL_METHODS), help="methods (repeatable; default all)"
+    )
     parser.add_argument("--shots", type=int, nargs="+", help="shots per class per session (default: 5 10)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the final runs (default: 0 1 2)")
     parser.add_argument("--epochs", type=int, help="epochs per session")
@@ -535,6 +646,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-k-heads", type=int, help="LoRSU heads per layer")
     parser.add_argument("--sparsity", type=float, help="LoRSU / sparse-update fc1 fraction")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
+    parser.add_argument(
+        "--no-investigate", action="store_true", help="skip the validation-only investigation of LoRSU variants"
+    )
     parser.add_argument("--resume", action="store_true", help="reuse the finished runs in <out>/accuracy_runs.jsonl")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every run")
     return parser.parse_args(argv)
@@ -557,6 +671,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     for name, value in overrides.items():
         if value is not None:
             setattr(plan, name, value)
+    if args.no_investigate:
+        plan.investigate_targets = []
     if args.disjoint:
         plan.disjoint_classes = True
     if args.r is not None:
@@ -564,10 +680,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if "zero_shot" not in plan.methods:
         plan.methods.insert(0, "zero_shot")
     if not head_scoring_available():
-        dropped = [m for m in plan.methods if METHODS[m].head_scoring]
+        dropped = [m for m in {*plan.methods, *plan.investigate_methods} if ALL_METHODS[m].head_scoring]
         if dropped:
-            logger.warning("this peft_lorsu has no LoRSUConfig.head_scoring: skipping %s", dropped)
-        plan.methods = [m for m in plan.methods if not METHODS[m].head_scoring]
+            logger.warning("this peft_lorsu has no LoRSUConfig.head_scoring: skipping %s", sorted(dropped))
+        plan.methods = [m for m in plan.methods if m not in dropped]
+        plan.investigate_methods = [m for m in plan.investigate_methods if m not in dropped]
     return plan
 
 
@@ -602,7 +719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": dataclasses.asdict(plan),
         "model": plan.model or "packaged mini-CLIP (peft_lorsu/assets/mini-clip)",
         "data": {},
-        "methods": {m: dataclasses.asdict(METHODS[m]) for m in plan.methods},
+        "methods": {m: dataclasses.asdict(ALL_METHODS[m]) for m in plan.methods},
+        "variants": {m: dataclasses.asdict(ALL_METHODS[m]) for m in plan.investigate_methods},
         "continual": [],
         "base_to_new": [],
     }
@@ -621,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["data"].setdefault(dataset, data.sizes())
         for init_text in plan.b2n_init_texts:
             results["base_to_new"].append(bench.b2n_setting(dataset, init_text))
+    results["investigation"] = []
+    for target in plan.investigate_targets:
+        results["investigation"].append(bench.investigation(target))
     bench.bar.close()
     results["wall_seconds"] = time.perf_counter() - start
     results["runs"] = len(bench.cache.records)

@@ -15,6 +15,7 @@ NOTES = Path(__file__).resolve().parent / "accuracy_notes.md"
 SESSIONS_PNG = "accuracy_sessions.png"
 SCATTER_PNG = "accuracy_ti_cc.png"
 B2N_PNG = "accuracy_b2n.png"
+TRADEOFF_PNG = "accuracy_tradeoff.png"
 
 
 # ------------------------------------------------------------------------------------------------------------ stats
@@ -282,6 +283,37 @@ def b2n_section(results: dict) -> list[str]:
     return lines
 
 
+def investigation_section(results: dict) -> list[str]:
+    studies = results.get("investigation") or []
+    if not studies:
+        return []
+    plan = results["plan"]
+    seeds = ", ".join(map(str, plan["investigate_seeds"]))
+    lines = [
+        "## Investigation (validation data only)",
+        "",
+        f"Every method below is run over a wider lr grid, {plan['investigate_shots']}-shot, seed(s) {seeds}, and "
+        "measured on validation images only: TI on the target's validation split (from its train split) and CC on "
+        f"{plan['control_val_per_class']} images per class of each control's *train* split (images seen in "
+        "pretraining, which is what a forgetting measure needs and keeps the control test sets untouched). "
+        f"Cells: TI_val / CC_val in points. Plot: [trade-off]({TRADEOFF_PNG}).",
+        "",
+        f"![TI vs CC over the lr grid]({TRADEOFF_PNG})",
+        "",
+    ]
+    variants = results.get("variants", {})
+    for study in studies:
+        lines += [f"### {study['target']}, {study['shots']}-shot", ""]
+        lrs = sorted({pt["lr"] for e in study["methods"].values() for pt in e["points"]})
+        rows = []
+        for name, entry in study["methods"].items():
+            cells = {pt["lr"]: f"{100 * pt['ti_val'][0]:.1f} / {100 * pt['cc_val'][0]:+.1f}" for pt in entry["points"]}
+            desc = variants.get(name, {}).get("description", entry["description"])
+            rows.append([f"`{name}`", desc, f"{entry['trainable_params']:,}", *[cells.get(lr, "") for lr in lrs]])
+        lines += _table(["method", "what", "params", *[f"lr {lr:g}" for lr in lrs]], rows) + [""]
+    return lines
+
+
 def targets_section(results: dict) -> list[str]:
     lines = ["## Targets", "", "Comparisons are between means over the seeds.", ""]
     rows = [[c["setting"], c["target"], "met" if c["met"] else "**not met**", c["detail"]] for c in results["targets"]]
@@ -376,6 +408,7 @@ def write_markdown(results: dict, path: Path) -> None:
     lines += protocol_section(results)
     lines += methods_section(results)
     lines += lr_section(results)
+    lines += investigation_section(results)
     if NOTES.exists() and results["mode"] != "smoke":
         lines += [NOTES.read_text().strip(), ""]
     path.write_text("\n".join(lines))
@@ -497,6 +530,29 @@ def plot_b2n(results: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_tradeoff(results: dict, path: Path) -> None:
+    """Validation TI against validation CC, one line per method through its lr grid (labels: the lr)."""
+    plt = _pyplot()
+    studies = results["investigation"]
+    fig, axes = plt.subplots(1, len(studies), figsize=(6.2 * len(studies), 5), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for ax, study in zip(axes[0], studies):
+        for k, (name, entry) in enumerate(study["methods"].items()):
+            xs = [100 * pt["ti_val"][0] for pt in entry["points"]]
+            ys = [100 * pt["cc_val"][0] for pt in entry["points"]]
+            style = "-" if name in ("full", "lora", "spu", "lorsu") else "--"
+            ax.plot(xs, ys, style, marker="o", ms=4, color=cmap(k % 20), label=name)
+            for x, y, pt in zip(xs, ys, entry["points"]):
+                ax.annotate(f"{pt['lr']:g}", (x, y), fontsize=5, alpha=0.7)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"{study['target']} {study['shots']}-shot (validation)", fontsize=9)
+        ax.set_xlabel("TI on target validation (pts)", fontsize=8)
+        ax.set_ylabel("CC on control validation (pts)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower left")
+    _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -525,4 +581,7 @@ def write_report(results: dict, out: Path) -> list[Path]:
     if results["base_to_new"]:
         plot_b2n(results, out / B2N_PNG)
         paths.append(out / B2N_PNG)
+    if results.get("investigation"):
+        plot_tradeoff(results, out / TRADEOFF_PNG)
+        paths.append(out / TRADEOFF_PNG)
     return paths

@@ -18,7 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import accuracy  # noqa: E402
-
 from peft_lorsu.datasets import LabeledImages  # noqa: E402
 
 RUN_FIELDS = ("seed", "columns", "rows", "target_improvement", "control_change", "trainable_params", "seconds")
@@ -126,13 +125,28 @@ def test_base_to_new_and_parameter_counts(smoke):
     assert lorsu == res["continual"][0]["methods"]["lorsu_random"]["summary"]["trainable_params"]
 
 
+def test_investigation_uses_validation_data_only(smoke):
+    out, res = smoke
+    plan = res["plan"]
+    assert [s["target"] for s in res["investigation"]] == plan["investigate_targets"]
+    for study in res["investigation"]:
+        assert list(study["methods"]) == plan["investigate_methods"]
+        for name, entry in study["methods"].items():
+            grid = plan["investigate_grids"][accuracy.ALL_METHODS[name].grid]
+            assert [pt["lr"] for pt in entry["points"]] == grid
+            assert all(-1.0 <= pt["ti_val"][0] <= 1.0 and -1.0 <= pt["cc_val"][0] <= 1.0 for pt in entry["points"])
+    splits = {json.loads(json.loads(line)["key"])["split"] for line in (out / "accuracy_runs.jsonl").open()}
+    assert splits == {"val", "val+controls", "test"}
+
+
 def test_targets_report_and_plots(smoke):
     out, res = smoke
     assert res["targets"] and all(set(c) == {"setting", "target", "met", "detail"} for c in res["targets"])
     assert all(isinstance(c["met"], bool) for c in res["targets"])
     md = (out / "accuracy.md").read_text()
     assert "CPU-size" in md and "--model" in md and "## Targets" in md and "## Learning rates" in md
-    for png in ("accuracy_sessions.png", "accuracy_ti_cc.png", "accuracy_b2n.png"):
+    assert "## Investigation (validation data only)" in md
+    for png in ("accuracy_sessions.png", "accuracy_ti_cc.png", "accuracy_b2n.png", "accuracy_tradeoff.png"):
         assert (out / png).stat().st_size > 1000
     (out / "accuracy.md").unlink()
     assert accuracy.main(["--report-only", "--out", str(out)]) == 0

@@ -1,18 +1,95 @@
 """Autograd kernels of LoRSU's sparse fc1 update.
 
-``sparse_delta_linear`` computes ``x @ (W + sum_a scatter(values_a, indices_a))^T + b`` where ``W`` (m x d) is the
+``sparse_delta_linear`` computes ``x @ (W + sum_a scatter(values_a, indices_a))^T + b`` where ``W`` `(m, d)` is the
 frozen fc1 weight and each adapter ``a`` contributes S values at fixed flat indices into ``W``. Autograd through a
-dense scatter would keep a weight-sized tensor alive until backward for every layer; this function saves only the
-inputs, rebuilds ``W + delta`` in backward, and returns gradients for the S values alone, so the optimizer never
-sees (or stores state for) a weight-sized tensor.
+dense scatter would keep a weight-sized tensor alive until backward for every layer; this function rebuilds
+``W + delta`` when it needs it and returns gradients for the S values alone, so the optimizer never sees (or stores
+state for) a weight-sized tensor.
+
+Cost of the value gradients. They are S entries of the weight gradient ``g^T x`` `(m, d)`. At LoRSU's densities a
+dense GEMM followed by a gather is faster than a sampled kernel (``torch.sparse.sampled_addmm`` took 1.7x the dense
+GEMM at 10% density on CPU; see ``docs/benchmarks/perf.md``), so the kernel computes a dense block, but only over the
+rows and columns of ``W`` that hold a selected entry (a :class:`SparsePattern`), and keeps only those columns of the
+input for backward. A gradient-probe selection concentrates on part of fc1 (on a random ViT-B/16, 44% of the rows and
+80% of the columns; on the trained mini-CLIP of ``peft_lorsu/assets``, 35-70% of the rows), which makes that block a
+fraction of the full product; a uniformly random selection touches every row and column and gets the full product.
+The block is computed in row chunks, so backward holds no weight-sized temporary.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+# The compact block is used when it has at most this fraction of the weight's entries. Its extra cost is two gathers
+# (rows of g, columns of x: memory-bound copies, ~3% of the full product on a ViT-B/16 fc1), so it pays off early.
+COMPACT_BELOW = 0.9
+# The weight gradient is computed in row chunks of about this many entries of g, so backward never holds a
+# weight-sized block (or a full copy of g's selected rows) at once; the products stay large enough for full speed.
+CHUNK_ENTRIES = 2**21
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """Where sets of flat indices into an `(m, d)` weight fall: the block of rows and columns they use.
+
+    Attributes:
+        shape: `(m, d)`.
+        rows: `(R,)` int64, ascending rows of the block (every row when the block is not ``compact``).
+        cols: `(C,)` int64, ascending columns of the block (every column when it is not ``compact``).
+        local: per index set, `(S_a,)` ascending flat positions inside the `(R, C)` block (int32 for a compact
+            block, else the flat indices themselves).
+        order: per index set, ``None`` when its indices are ascending, else the permutation that sorts them.
+        compact: whether the block is a strict part of the weight (otherwise the full product is computed).
+    """
+
+    shape: tuple[int, int]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    local: tuple[torch.Tensor, ...]
+    order: tuple[torch.Tensor | None, ...]
+    compact: bool
+
+    @property
+    def block_fraction(self) -> float:
+        """``R * C / (m * d)``: the share of the full weight gradient the value gradients compute."""
+        return self.rows.numel() * self.cols.numel() / (self.shape[0] * self.shape[1])
+
+
+def sparse_pattern(indices: Sequence[torch.Tensor], shape: tuple[int, int]) -> SparsePattern:
+    """The :class:`SparsePattern` of one or more sets of flat indices `(S_a,)` into a weight of ``shape`` `(m, d)`."""
+    m, d = shape
+    if not indices:
+        raise ValueError("sparse_pattern needs at least one index tensor")
+    flat = torch.cat(list(indices)) if len(indices) > 1 else indices[0]
+    device = flat.device
+    row_used = torch.zeros(m, dtype=torch.bool, device=device)
+    col_used = torch.zeros(d, dtype=torch.bool, device=device)
+    row_used[flat // d] = True
+    col_used[flat % d] = True
+    compact = int(row_used.sum()) * int(col_used.sum()) <= COMPACT_BELOW * m * d
+    if compact:
+        rows, cols = row_used.nonzero().squeeze(1), col_used.nonzero().squeeze(1)
+        # position of every used row / column inside the block (meaningless for unused ones, which no index
+        # reaches); int32 halves the memory of these per-entry positions (the block has fewer than 2**31 entries)
+        row_pos = row_used.long().cumsum(0) - 1
+        col_pos = col_used.long().cumsum(0) - 1
+        local = [(row_pos[i // d] * cols.numel() + col_pos[i % d]).int() for i in indices]
+    else:
+        rows, cols = torch.arange(m, device=device), torch.arange(d, device=device)
+        local = list(indices)
+    order: list[torch.Tensor | None] = []
+    for k, positions in enumerate(local):
+        if positions.numel() > 1 and not bool((positions[1:] >= positions[:-1]).all()):
+            perm = torch.argsort(positions, stable=True)
+            local[k] = positions[perm]
+            order.append(perm)
+        else:
+            order.append(None)
+    return SparsePattern((m, d), rows, cols, tuple(local), tuple(order), compact)
 
 
 def scatter_delta(weight: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -28,52 +105,105 @@ def scatter_delta(weight: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, tor
     return flat.view_as(weight)
 
 
-def sampled_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def sampled_weight_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, pattern: SparsePattern | None = None
+) -> torch.Tensor:
     """Entries ``indices`` (flat, into ``(m, d)``) of the weight gradient ``grad_out^T @ x``.
 
     Args:
-        grad_out: `(N, m)`; x: `(N, d)`; indices: `(S,)`. Returns `(S,)`.
+        grad_out: `(N, m)`; x: `(N, d)`; indices: `(S,)`.
+        pattern: the pattern of ``indices`` alone (computed when not given).
+
+    Returns:
+        `(S,)`.
     """
-    return (grad_out.t() @ x).reshape(-1).index_select(0, indices)
+    pattern = pattern or sparse_pattern([indices], (grad_out.shape[-1], x.shape[-1]))
+    return _value_grads(grad_out, x, pattern, [indices])[0]
+
+
+def _take_columns(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`(N, C)` columns ``cols`` of `(N, d)` ``x``, without a copy when every column is kept."""
+    return x if cols.numel() == x.shape[-1] else x.index_select(-1, cols)
+
+
+def _value_grads(
+    g: torch.Tensor, x_kept: torch.Tensor, pattern: SparsePattern, indices: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Value gradients `(S_a,)` per index set from `(N, m)` ``g`` and `(N, d)` or `(N, C)` input columns ``x_kept``.
+
+    ``indices`` are the flat indices the pattern was built from (used only for their count and device).
+    """
+    x_block = _take_columns(x_kept, pattern.cols)  # (N, C)
+    n_rows, n_cols = pattern.rows.numel(), pattern.cols.numel()
+    all_rows = n_rows == pattern.shape[0]
+    step = max(1, CHUNK_ENTRIES // max(1, g.shape[0]))
+    sorted_grads = [g.new_empty(idx.numel()) for idx in indices]
+    for start in range(0, n_rows, step):
+        stop = min(n_rows, start + step)
+        g_rows = g[:, start:stop] if all_rows else g.index_select(-1, pattern.rows[start:stop])
+        block = (g_rows.t() @ x_block).reshape(-1)  # ((stop - start) * C,)
+        for out, local in zip(sorted_grads, pattern.local):
+            lo, hi = (int(torch.searchsorted(local, pos * n_cols, out_int32=True)) for pos in (start, stop))
+            if hi > lo:
+                out[lo:hi] = block.index_select(0, local[lo:hi] - start * n_cols)
+    grads = []
+    for out, perm in zip(sorted_grads, pattern.order):
+        if perm is not None:
+            out = torch.empty_like(out).index_copy_(0, perm, out)
+        grads.append(out)
+    return grads
 
 
 class _SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, compute_dtype, *flat):
+    def forward(ctx, x, weight, bias, compute_dtype, pattern, *flat):
         pairs = list(zip(flat[0::2], flat[1::2]))
         w = scatter_delta(weight.to(compute_dtype), pairs)
         b = None if bias is None else bias.to(compute_dtype)
-        ctx.compute_dtype = compute_dtype
+        x_c = x.to(compute_dtype)
+        out = F.linear(x_c, w, b)
+        ctx.compute_dtype, ctx.x_dtype, ctx.pattern = compute_dtype, x.dtype, pattern
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, *flat)
-        return F.linear(x.to(compute_dtype), w, b)
+        x2 = x_c.reshape(-1, x.shape[-1])
+        # Keep only what backward reads: all of x for a dense weight gradient, else the selected columns.
+        values_need_grad = any(v.requires_grad for v in flat[0::2])
+        if weight.requires_grad:
+            kept = x2
+        elif values_need_grad:
+            kept = _take_columns(x2, pattern.cols)
+        else:
+            kept = x2.new_empty(0)
+        ctx.save_for_backward(kept, weight, *flat)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, *flat = ctx.saved_tensors
+        kept, weight, *flat = ctx.saved_tensors
         pairs = list(zip(flat[0::2], flat[1::2]))
         cdt = ctx.compute_dtype
         g = grad_out.to(cdt)
+        g2 = g.reshape(-1, g.shape[-1])
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ scatter_delta(weight.to(cdt), pairs)).to(x.dtype)
-        g2, x2 = g.reshape(-1, g.shape[-1]), x.to(cdt).reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = (g2.t() @ x2).to(weight.dtype)
+            grad_w = (g2.t() @ kept).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
-        grad_flat = []
-        for i, (values, indices) in enumerate(pairs):
-            needs = ctx.needs_input_grad[4 + 2 * i]
-            if not needs:
-                grad_flat += [None, None]
-                continue
+        # Value gradients before the input gradient: their temporaries are freed before the rebuilt weight and the
+        # input gradient are allocated, which lowers the peak of the backward pass.
+        wanted = [ctx.needs_input_grad[5 + 2 * i] for i in range(len(pairs))]
+        grad_flat: list[torch.Tensor | None] = [None] * len(flat)
+        if any(wanted):
+            indices = [idx for _, idx in pairs]
             if grad_w is not None:
-                gv = grad_w.reshape(-1).index_select(0, indices)
+                grads = [grad_w.reshape(-1).index_select(0, idx) for idx in indices]
             else:
-                gv = sampled_weight_grad(g2, x2, indices)
-            grad_flat += [gv.to(values.dtype), None]
-        return (grad_x, grad_w, grad_b, None, *grad_flat)
+                grads = _value_grads(g2, kept, ctx.pattern, indices)
+            for i, ((values, _), gv) in enumerate(zip(pairs, grads)):
+                if wanted[i]:
+                    grad_flat[2 * i] = gv.to(values.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ scatter_delta(weight.to(cdt), pairs)).to(ctx.x_dtype)
+        return (grad_x, grad_w, grad_b, None, None, *grad_flat)
 
 
 def sparse_delta_linear(
@@ -81,23 +211,34 @@ def sparse_delta_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     deltas: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    pattern: SparsePattern | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, weight + sparse deltas, bias)`` with gradients only for the sparse values.
+    """``F.linear(x, weight + sparse deltas, bias)`` with gradients only for the sparse values (and ``bias``).
 
     Args:
         x: `(..., d)`.
         weight: `(m, d)`, frozen base weight.
-        bias: `(m,)` or ``None``.
+        bias: `(m,)` or ``None``; may require grad (e.g. base bias plus a trained bias delta).
         deltas: pairs of values `(S,)` and int64 flat indices `(S,)`, one pair per active adapter.
+        pattern: ``sparse_pattern([indices of each pair], (m, d))``; pass it when the indices are reused across calls
+            (it is computed here otherwise).
 
     Returns:
         `(..., m)` in the autocast dtype when autocast is on, else in ``weight``'s dtype.
     """
+    if not deltas:
+        return F.linear(x, weight, bias)
+    tensors = [x, weight, bias, *(values for values, _ in deltas)]
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        # inference: nothing to keep for backward
+        return F.linear(x, scatter_delta(weight, deltas), bias)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = weight.dtype
+    if pattern is None:
+        pattern = sparse_pattern([indices for _, indices in deltas], tuple(weight.shape))
     flat = [t for pair in deltas for t in pair]
     with torch.autocast(device_type, enabled=False):
-        return _SparseDeltaLinear.apply(x, weight, bias, compute_dtype, *flat)
+        return _SparseDeltaLinear.apply(x, weight, bias, compute_dtype, pattern, *flat)

@@ -25,7 +25,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 
-from .functional import scatter_delta, sparse_delta_linear
+from .functional import SparsePattern, scatter_delta, sparse_delta_linear, sparse_pattern
+from .sharing import SharedFactorInput, version_of
 
 
 class LoRSULayer(BaseTunerLayer):
@@ -82,10 +83,22 @@ class LoRSULayer(BaseTunerLayer):
         self.lorsu_bias[adapter_name] = nn.Parameter(bias)
 
     def _add_bias_deltas(self, result: torch.Tensor) -> torch.Tensor:
+        """`(..., d_out)` ``result`` plus the active adapters' bias deltas (one pass over ``result`` per delta)."""
         for adapter in self.active_adapters:
             if adapter in self.lorsu_bias:
                 result = result + self.lorsu_bias[adapter].to(result.dtype)
         return result
+
+    def _biased(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """`(d_out,)` base ``bias`` plus the active adapters' bias deltas, to hand to the matmul as one bias.
+
+        Adding the deltas to the bias vector instead of to the `(..., d_out)` output saves a pass over the output in
+        forward and in backward; the bias gradient is the same sum over positions.
+        """
+        for adapter in self.active_adapters:
+            if adapter in self.lorsu_bias:
+                bias = bias + self.lorsu_bias[adapter].to(bias.dtype)
+        return bias
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor | None:
         raise NotImplementedError
@@ -145,10 +158,24 @@ class LoRSULinear(nn.Module, LoRSULayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        return self._add_bias_deltas(self._adapted_forward(x, *args, **kwargs))
+        return self._adapted_forward(x, *args, **kwargs)
 
     def _adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Base output plus the active adapters' deltas (bias deltas included), `(..., d_out)`."""
         raise NotImplementedError
+
+    def _base_forward(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, bool]:
+        """Base output with the active bias deltas added, and whether it is a fresh `(N, d_out)` matrix.
+
+        A plain ``nn.Linear`` base is computed here over the flattened positions `(N, d_in)`, with the bias deltas
+        folded into its bias: the result is a new tensor and no view, so in-place adds to it stay cheap in backward
+        (autograd turns an in-place op on a view into a full-size copy). A base with hooks or another module type runs
+        its own forward and gives `(..., d_out)`.
+        """
+        base = self.base_layer
+        if type(base) is nn.Linear and not (args or kwargs or base._forward_hooks or base._forward_pre_hooks):
+            return F.linear(x.reshape(-1, x.shape[-1]), base.weight, self._biased(base.bias)), True
+        return self._add_bias_deltas(base(x, *args, **kwargs)), False
 
     def __repr__(self) -> str:
         return "lorsu." + super().__repr__()
@@ -177,6 +204,8 @@ class HeadLoRALinear(LoRSULinear):
         # adapter -> layer holding V (self, or the sibling projection that owns the shared factor). A plain dict, so
         # the owner is not registered as a submodule twice.
         self.factor_owner: dict[str, HeadLoRALinear] = {}
+        # z = x V^T for the projections that read this layer's V (runtime only, never saved)
+        self._shared_inputs = SharedFactorInput()
         self._active_adapter = adapter_name
         self._register_load_state_dict_pre_hook(self._check_loaded_rows)
         self.update_layer(adapter_name, **kwargs)
@@ -223,6 +252,9 @@ class HeadLoRALinear(LoRSULinear):
             self.lorsu_U[adapter_name] = nn.Parameter(torch.empty(n_rows, r))
             owner = factor_owner if factor_owner is not None else self
             self.factor_owner[adapter_name] = owner
+            if owner is self:
+                self._shared_inputs.reset(adapter_name)
+            owner._shared_inputs.add_reader(adapter_name, self)
             if owner is self:
                 self.lorsu_V[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
             elif owner.lorsu_V[adapter_name].shape != (r, self.in_features):
@@ -277,19 +309,36 @@ class HeadLoRALinear(LoRSULinear):
         delta = block.new_zeros(self.out_features, self.in_features)
         return delta.index_add(0, self.lorsu_rows[adapter], block)
 
+    def _factor_input(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """``z = dropout(x) V^T`` `(N, r)` over the flattened positions of ``x`` `(..., d_in)`.
+
+        Projections that share ``V`` (without dropout) compute it once per input.
+        """
+        V = self.factor(adapter)
+        dropout = self.lorsu_dropout[adapter]
+
+        def compute() -> torch.Tensor:
+            return F.linear(dropout(self._cast_input_dtype(x.reshape(-1, x.shape[-1]), V.dtype)), V)
+
+        if not isinstance(dropout, nn.Identity):
+            return compute()  # each projection draws its own dropout mask, so z differs between them
+        return self.factor_owner[adapter]._shared_inputs.get(adapter, self, x, V, compute)
+
     def _adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result, fresh = self._base_forward(x, *args, **kwargs)
         for adapter in self.active_adapters:
             if adapter not in self.lorsu_U:
                 continue
-            V = self.factor(adapter)
-            z = F.linear(self.lorsu_dropout[adapter](self._cast_input_dtype(x, V.dtype)), V)  # (..., r)
-            delta = F.linear(z, self.lorsu_U[adapter]) * self.scaling[adapter]  # (..., n_rows)
+            delta = F.linear(self._factor_input(adapter, x), self.lorsu_U[adapter])  # (N, n_rows)
+            if self.scaling[adapter] != 1:
+                delta = delta * self.scaling[adapter]
+            delta = delta.to(result.dtype) if fresh else delta.to(result.dtype).view(*result.shape[:-1], -1)
             if adapter in self.lorsu_rows:
-                result = result.index_add(-1, self.lorsu_rows[adapter], delta.to(result.dtype))
+                rows = self.lorsu_rows[adapter]
+                result = result.index_add_(-1, rows, delta) if fresh else result.index_add(-1, rows, delta)
             else:
-                result = result + delta.to(result.dtype)
-        return result
+                result = result.add_(delta) if fresh else result + delta
+        return result.view(*x.shape[:-1], result.shape[-1]) if fresh else result
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
@@ -310,6 +359,8 @@ class SparseLinear(LoRSULinear):
         self.lorsu_values = nn.ParameterDict({})
         self.lorsu_indices = BufferDict({}, persistent=True)
         self.indices_pending: dict[str, bool] = {}
+        # (index tensors with their versions, their SparsePattern): runtime only, never saved
+        self._pattern_cache: tuple[list[tuple[torch.Tensor, int]], SparsePattern] | None = None
         self._active_adapter = adapter_name
         self._register_load_state_dict_pre_hook(self._check_loaded_indices)
         self.update_layer(adapter_name, **kwargs)
@@ -382,12 +433,24 @@ class SparseLinear(LoRSULinear):
         zeros = deltas[0][0].new_zeros(self.out_features, self.in_features)
         return scatter_delta(zeros, deltas)
 
+    def _pattern(self, indices: list[torch.Tensor]) -> SparsePattern:
+        """Rows / columns of fc1 that ``indices`` touch, cached while the same index tensors stay unchanged."""
+        key = [(t, version_of(t)) for t in indices]
+        cached = self._pattern_cache
+        if cached is None or len(cached[0]) != len(key) or any(
+            a is not b or va != vb for (a, va), (b, vb) in zip(cached[0], key)
+        ):
+            self._pattern_cache = cached = (key, sparse_pattern(indices, (self.out_features, self.in_features)))
+        return cached[1]
+
     def _adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         deltas = self._deltas(self.active_adapters)
-        base = self.get_base_layer()
         if not deltas:
-            return self.base_layer(x, *args, **kwargs)
-        return sparse_delta_linear(x, base.weight, base.bias, deltas)
+            result, fresh = self._base_forward(x, *args, **kwargs)
+            return result.view(*x.shape[:-1], result.shape[-1]) if fresh else result
+        weight, bias = self.base_weight_and_bias()
+        pattern = self._pattern([indices for _, indices in deltas]) if torch.is_grad_enabled() else None
+        return sparse_delta_linear(x, weight, self._biased(bias), deltas, pattern=pattern)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # a sparse delta is generally full-rank

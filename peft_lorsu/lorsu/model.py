@@ -10,7 +10,7 @@ from ..loading import before_injection
 from .config import LoRSUConfig
 from .fused import HeadLoRAInProjection
 from .layer import HeadLoRALinear, LoRSULayer, SparseLinear
-from .selection import num_sparse_values, random_selection
+from .selection import check_top_k_heads, num_sparse_values, random_selection
 from .targets import Site, as_linear, attention_blocks, find_sites
 
 LAYER_CLASSES = {"fc1": SparseLinear, "qkv": HeadLoRAInProjection}
@@ -49,12 +49,7 @@ class LoRSUModel(BaseTuner):
         before_injection(self, peft_config, model)  # re-validate; rehearse loading a config just read from disk
         sites = find_sites(model, peft_config)
         blocks = attention_blocks(sites)
-        for block, (num_heads, _) in blocks.items():
-            if peft_config.adapt_attention and peft_config.top_k_heads > num_heads:
-                raise ValueError(
-                    f"LoRSUConfig.top_k_heads={peft_config.top_k_heads} exceeds the {num_heads} heads of {block} "
-                    f"(allowed: 1..{num_heads})"
-                )
+        check_top_k_heads(peft_config, blocks)
         if peft_config.selection == "random" and not peft_config.has_selection:
             random_selection(model, peft_config, sites)
         self._check_selection(peft_config, sites)

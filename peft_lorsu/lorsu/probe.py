@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_sum_, any_rank, distributed_info, is_distributed, is_fsdp_wrapped
 from .config import LoRSUConfig
-from .selection import head_scores, num_sparse_values, random_selection, top_k_indices, top_s_entries
+from .selection import (
+    check_top_k_heads,
+    head_scores,
+    num_sparse_values,
+    random_selection,
+    top_k_indices,
+    top_s_entries,
+)
 from .targets import Site, as_linear, attention_blocks, find_sites, qkv_gradients, qkv_weights
 
 logger = logging.getLogger(__name__)
@@ -202,12 +209,7 @@ def probe_lorsu(
     base = unwrap_model(model)
     sites = find_sites(base, config)
     blocks = attention_blocks(sites)
-    for block, (num_heads, _) in blocks.items():
-        if config.adapt_attention and config.top_k_heads > num_heads:
-            raise ValueError(
-                f"LoRSUConfig.top_k_heads={config.top_k_heads} exceeds the {num_heads} heads of {block} "
-                f"(allowed: 1..{num_heads})"
-            )
+    check_top_k_heads(config, blocks)
     if config.selection == "random":
         random_selection(base, config, sites)
         return config

@@ -201,7 +201,9 @@ class Plan:
     investigate_grids: dict[str, list[float]] = dataclasses.field(
         default_factory=lambda: {"full": [1e-5, 3e-5, 1e-4, 3e-4], "adapter": [3e-4, 1e-3, 3e-3, 1e-2]}
     )
-    b2n_datasets: list[str] = dataclasses.field(default_factory=lambda: ["fashion_mnist:inverted", "digits"])
+    b2n_datasets: list[str] = dataclasses.field(
+        default_factory=lambda: ["fashion_mnist:low_contrast", "fashion_mnist:inverted", "digits"]
+    )
     b2n_methods: list[str] = dataclasses.field(default_factory=lambda: ["zero_shot", "rlp", "coop"])
     b2n_shots: int = 16
     b2n_epochs: int = 10
@@ -356,7 +358,8 @@ class RunCache:
     """Finished runs, one JSON object a line, appended as they complete (survives a crash; no pickle)."""
 
     def __init__(self, path: Path, resume: bool) -> None:
-        self.path, self.records = path, {}
+        self.path, self.records, self.reused = path, {}, 0
+        self.bar: Any = None  # a tqdm bar advanced by every run, finished or reused
         if resume and path.exists():
             for line in path.read_text().splitlines():
                 if line.strip():
@@ -368,7 +371,10 @@ class RunCache:
 
     def get_or_run(self, key: dict, fn: Callable[[], dict]) -> dict:
         text = json.dumps(key, sort_keys=True)
+        if self.bar is not None:
+            self.bar.update(1)
         if text in self.records:
+            self.reused += 1
             return self.records[text]["result"]
         result = fn()
         record = {"key": text, "result": result}
@@ -391,7 +397,6 @@ class Bench:
         self.fingerprint = plan.fingerprint()
         self._targets: dict[str, TargetData] = {}
         self.controls = load_controls(plan, self.image_size)
-        self.bar: Any = None
 
     def control_val(self) -> dict[str, ClassificationSet]:
         """Validation images of the controls: ``control_val_per_class`` per class from their *train* splits (images
@@ -458,8 +463,6 @@ class Bench:
             [round(100 * v, 1) for v in result.rows[-1]],
             result.seconds,
         )
-        if self.bar is not None:
-            self.bar.update(1)
         return record, runner
 
     # ---------------------------------------------------------------------------------------------- continual
@@ -724,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "continual": [],
         "base_to_new": [],
     }
-    bench.bar = tqdm(total=bench.total_runs(), desc="accuracy runs", unit="run")
+    bench.cache.bar = tqdm(total=bench.total_runs(), desc="accuracy runs", unit="run")
     for target in plan.targets:
         data = bench.target(target)
         results["data"][target] = data.sizes()
@@ -742,9 +745,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["investigation"] = []
     for target in plan.investigate_targets:
         results["investigation"].append(bench.investigation(target))
-    bench.bar.close()
+    bench.cache.bar.close()
     results["wall_seconds"] = time.perf_counter() - start
     results["runs"] = len(bench.cache.records)
+    results["run_seconds_total"] = sum(r["result"]["seconds"] for r in bench.cache.records.values())
+    results["resumed"] = bool(args.resume and bench.cache.reused)
     accuracy_report.summarize(results)
     (out / "accuracy.json").write_text(json.dumps(results, indent=1))
     accuracy_report.write_report(results, out)

@@ -383,9 +383,10 @@ def write_markdown(results: dict, path: Path) -> None:
         "--control <hub dataset> --r 64` (images are resized to the model's input size).",
         "",
         f"Command: `{results['command']}` ({results['mode']} mode), {results['date']}. "
-        f"Wall time {wall / 60:.1f} min on {results['machine']['cpus']} shared CPU cores "
-        f"({results['machine']['torch_threads']} torch thread), {results.get('runs', '?')} training runs; "
-        f"model: {results['model']}.",
+        f"Wall time {wall / 60:.1f} min{' (resumed: earlier runs were reused)' if results.get('resumed') else ''} "
+        f"on {results['machine']['cpus']} shared CPU cores ({results['machine']['torch_threads']} torch thread); "
+        f"{results.get('runs', '?')} runs (lr grid, final seeds, investigation) taking "
+        f"{results.get('run_seconds_total', 0) / 60:.1f} min together; model: {results['model']}.",
         "",
     ]
     lines += targets_section(results)
@@ -464,10 +465,14 @@ def plot_ti_cc(results: dict, path: Path) -> None:
     """TI against CC per setting; marker area proportional to the square root of the trainable parameters."""
     plt = _pyplot()
     settings = results["continual"]
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 4.2), squeeze=False)
+    n_cols = min(2, len(settings))
+    n_rows = math.ceil(len(settings) / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(6 * n_cols, 4.6 * n_rows), squeeze=False)
     colors = _colors(results)
     largest = max(e["summary"]["trainable_params"] for s in settings for e in s["methods"].values()) or 1
-    for ax, setting in zip(axes[0], settings):
+    for ax in axes.flat[len(settings) :]:
+        ax.axis("off")
+    for ax, setting in zip(axes.flat, settings):
         for name, entry in setting["methods"].items():
             s = entry["summary"]
             if name == "zero_shot":

@@ -63,6 +63,8 @@ def summarize(results: dict) -> None:
     for setting in results["continual"]:
         for entry in setting["methods"].values():
             entry["summary"] = summarize_continual(entry, setting["columns"])
+            if "balanced" in entry:
+                entry["balanced"]["summary"] = summarize_continual(entry["balanced"], setting["columns"])
     for setting in results["base_to_new"]:
         for entry in setting["methods"].values():
             entry["summary"] = summarize_b2n(entry)
@@ -72,62 +74,24 @@ def summarize(results: dict) -> None:
 # ------------------------------------------------------------------------------------------------------------ targets
 
 
-def _get(setting: dict, method: str) -> dict | None:
+RULES = {"headline": "lr by target validation accuracy", "balanced": "lr by TI_val + CC_val"}
+
+
+def _get(setting: dict, method: str, rule: str = "headline") -> dict | None:
+    """The summary of ``method`` at the lr of ``rule`` (zero-shot and base-to-new rows have one rule only)."""
     entry = setting["methods"].get(method)
-    return entry["summary"] if entry else None
+    if entry is None:
+        return None
+    return entry["balanced"]["summary"] if rule == "balanced" and "balanced" in entry else entry["summary"]
 
 
 def check_targets(results: dict) -> list[dict]:
-    """The targets of issue 11, per setting: ``{"setting", "target", "met", "detail"}`` (``met`` None: not run)."""
+    """The targets of issue 11: ``{"setting", "selection", "target", "met", "detail"}`` per setting and lr rule."""
     checks = []
     for setting in results["continual"]:
-        label = f"{setting['target']}, {setting['shots']}-shot"
-        lorsu, full, lora = (_get(setting, m) for m in ("lorsu", "full", "lora"))
-        if lorsu and full:
-            ti, ti_full = lorsu["target_improvement"][0], full["target_improvement"][0]
-            ratio = ti / ti_full if ti_full > 0 else float("nan")
-            checks.append(
-                _check(
-                    label,
-                    "LoRSU TI >= 90% of full fine-tuning's TI",
-                    ti_full > 0 and ratio >= 0.9,
-                    f"TI {100 * ti:.1f} vs {100 * ti_full:.1f} pts ({100 * ratio:.0f}%)",
-                )
-            )
-        if lorsu and full and lora:
-            cc, cc_lora, cc_full = (s["control_change"][0] for s in (lorsu, lora, full))
-            checks.append(
-                _check(
-                    label,
-                    "LoRSU CC better than LoRA's and full fine-tuning's",
-                    cc > cc_lora and cc > cc_full,
-                    f"CC {100 * cc:+.1f} vs LoRA {100 * cc_lora:+.1f}, full {100 * cc_full:+.1f} pts",
-                )
-            )
-        if lorsu and lora:
-            p, p_lora = lorsu["trainable_params"], lora["trainable_params"]
-            checks.append(
-                _check(
-                    label,
-                    "LoRSU has fewer trainable parameters than LoRA (same rank)",
-                    p < p_lora,
-                    f"{p:,} vs {p_lora:,}",
-                )
-            )
-        for random_name in ("lorsu_random", "lorsu_random_heads"):
-            rand = _get(setting, random_name)
-            if lorsu and rand:
-                ti, ti_rand = lorsu["target_improvement"], rand["target_improvement"]
-                checks.append(
-                    _check(
-                        label,
-                        f"gradient heads beat random heads on TI (vs {random_name})",
-                        ti[0] > ti_rand[0],
-                        f"TI {100 * ti[0]:.1f} ± {100 * ti[1]:.1f} vs {100 * ti_rand[0]:.1f} ± "
-                        f"{100 * ti_rand[1]:.1f} pts at {lorsu['trainable_params']:,} / "
-                        f"{rand['trainable_params']:,} params",
-                    )
-                )
+        rules = ["headline"] + (["balanced"] if "balanced" in setting["methods"].get("lorsu", {}) else [])
+        for rule in rules:
+            checks += _continual_checks(setting, rule)
     for setting in results["base_to_new"]:
         rlp, coop = _get(setting, "rlp"), _get(setting, "coop")
         if rlp and coop and rlp["harmonic"] and coop["harmonic"]:
@@ -144,8 +108,62 @@ def check_targets(results: dict) -> list[dict]:
     return checks
 
 
+def _continual_checks(setting: dict, rule: str) -> list[dict]:
+    label = f"{setting['target']}, {setting['shots']}-shot"
+    checks = []
+    lorsu, full, lora = (_get(setting, m, rule) for m in ("lorsu", "full", "lora"))
+    if lorsu and full:
+        ti, ti_full = lorsu["target_improvement"][0], full["target_improvement"][0]
+        ratio = ti / ti_full if ti_full > 0 else float("nan")
+        checks.append(
+            _check(
+                label,
+                "LoRSU TI >= 90% of full fine-tuning's TI",
+                ti_full > 0 and ratio >= 0.9,
+                f"TI {100 * ti:.1f} vs {100 * ti_full:.1f} pts ({100 * ratio:.0f}%)",
+            )
+        )
+    if lorsu and full and lora:
+        cc, cc_lora, cc_full = (s["control_change"][0] for s in (lorsu, lora, full))
+        checks.append(
+            _check(
+                label,
+                "LoRSU CC better than LoRA's and full fine-tuning's",
+                cc > cc_lora and cc > cc_full,
+                f"CC {100 * cc:+.1f} vs LoRA {100 * cc_lora:+.1f}, full {100 * cc_full:+.1f} pts",
+            )
+        )
+    if lorsu and lora:
+        p, p_lora = lorsu["trainable_params"], lora["trainable_params"]
+        checks.append(
+            _check(
+                label,
+                "LoRSU has fewer trainable parameters than LoRA (same rank)",
+                p < p_lora,
+                f"{p:,} vs {p_lora:,}",
+            )
+        )
+    for random_name in ("lorsu_random", "lorsu_random_heads"):
+        rand = _get(setting, random_name)
+        if lorsu and rand:
+            ti, ti_rand = lorsu["target_improvement"], rand["target_improvement"]
+            checks.append(
+                _check(
+                    label,
+                    f"gradient heads beat random heads on TI (vs {random_name})",
+                    ti[0] > ti_rand[0],
+                    f"TI {100 * ti[0]:.1f} ± {100 * ti[1]:.1f} vs {100 * ti_rand[0]:.1f} ± "
+                    f"{100 * ti_rand[1]:.1f} pts at {lorsu['trainable_params']:,} / "
+                    f"{rand['trainable_params']:,} params",
+                )
+            )
+    for check in checks:
+        check["selection"] = rule
+    return checks
+
+
 def _check(setting: str, target: str, met: bool, detail: str) -> dict:
-    return {"setting": setting, "target": target, "met": bool(met), "detail": detail}
+    return {"setting": setting, "selection": "headline", "target": target, "met": bool(met), "detail": detail}
 
 
 # ------------------------------------------------------------------------------------------------------------ markdown
@@ -196,7 +214,24 @@ def continual_section(setting: dict, results: dict) -> list[str]:
     if zero:
         base = zero["summary"]["rows"][0]
         lines += ["", "Zero-shot: " + ", ".join(f"{c} {100 * base[j][0]:.1f}%" for j, c in enumerate(columns)) + "."]
-    lines += ["", "Target accuracy (%) after each session (mean over seeds; session 0 = zero-shot):", ""]
+    balanced = [(n, e) for n, e in setting["methods"].items() if "balanced" in e]
+    if balanced:
+        lines += ["", "Balanced lr rule (lr by TI_val + CC_val on validation data; same seeds):", ""]
+        rows = []
+        for name, entry in balanced:
+            s = entry["balanced"]["summary"]
+            rows.append(
+                [
+                    f"`{name}`",
+                    f"{entry['balanced']['lr']:g}",
+                    pct(s["target_final"]),
+                    *[pct(s["controls_final"][c]) for c in controls],
+                    pct(s["target_improvement"], signed=True),
+                    pct(s["control_change"], signed=True),
+                ]
+            )
+        lines += _table(["method", "lr", "target acc", *[f"{c} acc" for c in controls], "TI", "CC"], rows)
+    lines += ["", "Target accuracy (%) after each session (headline rule, mean over seeds; 0 = zero-shot):", ""]
     n_rows = max(len(e["summary"]["rows"]) for e in setting["methods"].values())
     header = ["method", *[str(i) for i in range(n_rows)]]
     rows = [
@@ -220,9 +255,13 @@ def lr_section(results: dict) -> list[str]:
     lines += [
         f"Grids: {grids} ({'; '.join(k + ': ' + ', '.join(v) for k, v in families.items())}). Each value is run "
         f"with seed(s) {', '.join(map(str, plan['selection_seeds']))} on the target's validation split (never its "
-        "test split); the best validation accuracy after the last session wins (ties go to the smaller rate), and "
-        "the final runs use that rate for every seed. Base-to-new picks on the *base* classes' validation images "
-        "only (new classes stay unseen). Validation accuracy (%) per grid value, the chosen one in bold:",
+        "test split). *Headline rule*: the best target validation accuracy after the last session wins (ties go "
+        "to the smaller rate); the final runs use that rate for every seed. *Balanced rule* (continual only, a "
+        "second operating point reported next to the headline): the best TI_val + CC_val, where CC_val is measured "
+        f"on {plan.get('control_val_per_class', '?')} images per class of each control's *train* split (the "
+        "pretraining images, never the control test sets). Base-to-new picks on the *base* classes' validation "
+        "images only (new classes stay unseen). Cells: `lr: target validation accuracy % (TI_val + CC_val in "
+        "points)`; headline choice in bold, balanced choice marked †:",
         "",
     ]
     rows = []
@@ -246,10 +285,14 @@ def _lead_cells(name: str, entry: dict) -> list[str]:
 
 
 def _grid_cell(selection: dict) -> str:
+    """``lr: target val % (TI_val + CC_val)`` per grid value; headline choice in bold, balanced choice marked †."""
     cells = []
-    for lr, acc in selection["grid"]:
+    for lr, acc, *rest in selection["grid"]:
         text = f"{lr:g}: {100 * acc:.1f}"
-        cells.append(f"**{text}**" if lr == selection["chosen"] else text)
+        if rest and "chosen_balanced" in selection:
+            text += f" ({100 * (rest[0] + rest[1]):+.1f})"
+        text = f"**{text}**" if lr == selection["chosen"] else text
+        cells.append(text + (" †" if lr == selection.get("chosen_balanced") else ""))
     return ", ".join(cells)
 
 
@@ -316,8 +359,16 @@ def investigation_section(results: dict) -> list[str]:
 
 def targets_section(results: dict) -> list[str]:
     lines = ["## Targets", "", "Comparisons are between means over the seeds.", ""]
-    rows = [[c["setting"], c["target"], "met" if c["met"] else "**not met**", c["detail"]] for c in results["targets"]]
-    return lines + _table(["setting", "target", "result", "numbers"], rows) + [""]
+    lines[2] += (
+        " *headline*: each method at the lr with the best target validation accuracy (the rule of the issue); "
+        "*balanced*: at the lr with the best TI_val + CC_val (see Learning rates). Both rules use validation data "
+        "only."
+    )
+    rows = [
+        [c["setting"], c.get("selection", "headline"), c["target"], "met" if c["met"] else "**not met**", c["detail"]]
+        for c in results["targets"]
+    ]
+    return lines + _table(["setting", "lr rule", "target", "result", "numbers"], rows) + [""]
 
 
 def protocol_section(results: dict) -> list[str]:
@@ -497,6 +548,11 @@ def plot_ti_cc(results: dict, path: Path) -> None:
                 edgecolors="k",
                 label=f"{name} ({_short(s['trainable_params'])})",
             )
+            if "balanced" in entry and entry["balanced"]["lr"] != entry["lr"]:  # hollow: the balanced lr rule
+                bal = entry["balanced"]["summary"]
+                x, y = 100 * bal["target_improvement"][0], 100 * bal["control_change"][0]
+                ax.scatter(x, y, s=size, facecolors="none", edgecolors=colors[name], linewidths=1.5)
+                ax.plot([100 * ti[0], x], [100 * cc[0], y], ":", color=colors[name], lw=1)
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_title(f"{setting['target']} {setting['shots']}-shot", fontsize=9)
@@ -504,7 +560,11 @@ def plot_ti_cc(results: dict, path: Path) -> None:
         ax.set_ylabel("control change CC (pts)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="best", markerscale=0.4)
-    fig.suptitle("TI vs CC (up-right is better); marker area ~ sqrt(trainable parameters)", fontsize=9)
+    fig.suptitle(
+        "TI vs CC (up-right is better); marker area ~ sqrt(trainable parameters); filled: headline lr rule, "
+        "hollow: balanced lr rule (where it picks another lr)",
+        fontsize=9,
+    )
     _save(fig, path)
 
 

@@ -84,9 +84,14 @@ def test_every_setting_has_every_method_and_field(smoke):
                 assert entry["lr_selection"] is None and entry["summary"]["trainable_params"] == 0
             else:
                 grid = plan["grids"][accuracy.METHODS[name].grid]
-                assert [lr for lr, _ in entry["lr_selection"]["grid"]] == grid
+                assert [row[0] for row in entry["lr_selection"]["grid"]] == grid
                 assert entry["lr"] == entry["lr_selection"]["chosen"] in grid
                 assert entry["summary"]["trainable_params"] > 0
+                # the second operating point: lr by TI_val + CC_val, same seeds
+                balanced = entry["balanced"]
+                assert balanced["lr"] == entry["lr_selection"]["chosen_balanced"] in grid
+                assert [run["seed"] for run in balanced["runs"]] == seeds
+                assert all(field in balanced["summary"] for field in SUMMARY_FIELDS)
 
 
 def test_accuracies_are_fractions_and_ti_cc_match_the_rows(smoke):
@@ -141,7 +146,10 @@ def test_investigation_uses_validation_data_only(smoke):
 
 def test_targets_report_and_plots(smoke):
     out, res = smoke
-    assert res["targets"] and all(set(c) == {"setting", "target", "met", "detail"} for c in res["targets"])
+    assert res["targets"] and all(
+        set(c) == {"setting", "selection", "target", "met", "detail"} for c in res["targets"]
+    )
+    assert {c["selection"] for c in res["targets"]} == {"headline", "balanced"}
     assert all(isinstance(c["met"], bool) for c in res["targets"])
     md = (out / "accuracy.md").read_text()
     assert "CPU-size" in md and "--model" in md and "## Targets" in md and "## Learning rates" in md

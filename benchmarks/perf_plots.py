@@ -68,7 +68,7 @@ def scaling_setting(res: dict, key: str, path: Path) -> None:
     axes[1].set_ylabel("LoRSU peak memory / LoRA's")
     axes[2].plot(x, [r["trainable_state_bytes"] / MIB for r in rows], "o-", label="LoRSU")
     dense = res["methods"]["dense_masked"]["trainable_state"]["total_bytes"] / MIB
-    axes[2].axhline(dense / 10, color="tab:red", ls="--", label="1/10 of dense-masked (batch-independent)")
+    axes[2].axhline(dense / 10, color="tab:red", ls="--", label="1/10 of dense-masked")
     axes[2].set_ylabel("trainable state MiB")
     axes[2].legend()
     for ax in axes[:2]:

@@ -144,7 +144,7 @@ def _continual_checks(setting: dict, rule: str) -> list[dict]:
             )
         )
     for random_name in ("lorsu_random", "lorsu_random_heads"):
-        rand = _get(setting, random_name)
+        rand = _get(setting, random_name, rule)
         if lorsu and rand:
             ti, ti_rand = lorsu["target_improvement"], rand["target_improvement"]
             checks.append(
@@ -354,7 +354,40 @@ def investigation_section(results: dict) -> list[str]:
             desc = variants.get(name, {}).get("description", entry["description"])
             rows.append([f"`{name}`", desc, f"{entry['trainable_params']:,}", *[cells.get(lr, "") for lr in lrs]])
         lines += _table(["method", "what", "params", *[f"lr {lr:g}" for lr in lrs]], rows) + [""]
+        lines += matched_ti_lines(study)
     return lines
+
+
+def cc_at_ti(points: list[dict], level: float) -> float | None:
+    """CC_val where the method's TI_val first reaches ``level`` along its lr grid (linear between grid points);
+    None if it never does."""
+    points = sorted(points, key=lambda pt: pt["lr"])
+    if points[0]["ti_val"][0] >= level:
+        return points[0]["cc_val"][0]
+    for a, b in zip(points, points[1:]):
+        ta, tb = a["ti_val"][0], b["ti_val"][0]
+        if ta < level <= tb:
+            w = (level - ta) / (tb - ta)
+            return a["cc_val"][0] + w * (b["cc_val"][0] - a["cc_val"][0])
+    return None
+
+
+def matched_ti_lines(study: dict) -> list[str]:
+    """Forgetting at equal target gain: CC_val of every method where its TI_val reaches 90% of full fine-tuning's
+    best TI_val (the issue's TI target), read off its validation curve."""
+    full = study["methods"].get("full")
+    if not full:
+        return []
+    level = 0.9 * max(pt["ti_val"][0] for pt in full["points"])
+    rows = []
+    for name, entry in study["methods"].items():
+        cc = cc_at_ti(entry["points"], level)
+        rows.append([f"`{name}`", "not reached" if cc is None else f"{100 * cc:+.1f}"])
+    text = (
+        f"Forgetting at equal target gain: CC_val where each method's TI_val first reaches {100 * level:.1f} points "
+        "(90% of full fine-tuning's best TI_val), read off its validation curve (linear between grid points):"
+    )
+    return [text, ""] + _table(["method", f"CC_val at TI_val = {100 * level:.1f}"], rows) + [""]
 
 
 def targets_section(results: dict) -> list[str]:
@@ -373,10 +406,23 @@ def targets_section(results: dict) -> list[str]:
 
 def protocol_section(results: dict) -> list[str]:
     plan, data = results["plan"], results["data"]
+    disjoint = plan.get("disjoint_classes", True)
     steps = {}
-    for shots in plan["shots"]:
-        per_session = math.ceil(2 * shots / plan["batch_size"])  # 10 classes over 5 sessions: 2 classes a session
-        steps[shots] = per_session * plan["epochs"]
+    for setting in results["continual"]:
+        n_classes = len(data[setting["target"]]["classes"])
+        per_session = n_classes // plan["sessions"] if disjoint else n_classes
+        batches = math.ceil(per_session * setting["shots"] / plan["batch_size"])
+        steps[f"{setting['target']} {setting['shots']}-shot"] = batches * plan["epochs"]
+    if disjoint:
+        sessions = (
+            f"{plan['sessions']} sessions with disjoint classes (the paper's protocol); a session holds "
+            f"{' or '.join(map(str, plan['shots']))} training images of each of its classes"
+        )
+    else:
+        sessions = (
+            f"{plan['sessions']} sessions; every session holds {' or '.join(map(str, plan['shots']))} new training "
+            "images of *every* class (not the paper's class-disjoint sessions: see the findings below for why)"
+        )
     sizes = []
     for name, d in data.items():
         if "pool" in d:
@@ -389,9 +435,8 @@ def protocol_section(results: dict) -> list[str]:
     return [
         "## Protocol",
         "",
-        f"- Continual few-shot (CL-T, the LoRSU paper's setting): each target's classes are split into "
-        f"{plan['sessions']} sessions with disjoint classes; a session holds {' or '.join(map(str, plan['shots']))} "
-        "training images per class, drawn with the run's seed, never shared between sessions. After every session the "
+        f"- Continual few-shot (CL-T, after the LoRSU paper): each target's training images are split into {sessions}"
+        ", drawn with the run's seed, never shared between sessions. After every session the "
         "update is merged into the weights and the model is evaluated zero-shot (prompt "
         f"`{plan['init_text']} {{class}}.`) on the target's test images (all of its classes) and on every control.",
         f"- TI = target accuracy after the last session minus zero-shot; CC = mean over controls of the same "
@@ -402,7 +447,7 @@ def protocol_section(results: dict) -> list[str]:
         "to keep evaluation cheap.",
         f"- Optimisation, identical for every method: AdamW, constant lr (per method, see below), no weight decay, "
         f"batch {plan['batch_size']}, {plan['epochs']} epochs per session: "
-        + ", ".join(f"{s}-shot = {n} optimizer steps per session" for s, n in steps.items())
+        + ", ".join(f"{k}: {n} optimizer steps per session" for k, n in steps.items())
         + f". Vision methods use CLIP's contrastive loss on template captions (`loss={plan['loss']!r}`, the paper's); "
         "RLP / CoOp train the text context with the class-prompt cross-entropy and keep it across sessions.",
         f"- Ranks and sizes: LoRSU and LoRA r = {plan['r']}, alpha = {plan['lora_alpha']:g}; LoRSU top_k_heads = "
@@ -508,8 +553,9 @@ def plot_sessions(results: dict, path: Path) -> None:
             ax.set_xlabel("session (0 = zero-shot)", fontsize=8)
             ax.set_ylabel("accuracy (%)", fontsize=8)
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    _save(fig, path)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    _save(fig, path, rect=(0, 0.05 / len(settings) + 0.02, 1, 1))
 
 
 def plot_ti_cc(results: dict, path: Path) -> None:
@@ -600,13 +646,15 @@ def plot_tradeoff(results: dict, path: Path) -> None:
     plt = _pyplot()
     studies = results["investigation"]
     fig, axes = plt.subplots(1, len(studies), figsize=(6.2 * len(studies), 5), squeeze=False)
-    cmap = plt.get_cmap("tab20")
+    main, extra = _colors(results), plt.get_cmap("tab20b")
     for ax, study in zip(axes[0], studies):
         for k, (name, entry) in enumerate(study["methods"].items()):
             xs = [100 * pt["ti_val"][0] for pt in entry["points"]]
             ys = [100 * pt["cc_val"][0] for pt in entry["points"]]
-            style = "-" if name in ("full", "lora", "spu", "lorsu") else "--"
-            ax.plot(xs, ys, style, marker="o", ms=4, color=cmap(k % 20), label=name)
+            if name in main:  # the benchmark's own rows: solid, in their usual colours
+                ax.plot(xs, ys, "-", marker="o", ms=5, lw=2, color=main[name], label=name)
+            else:
+                ax.plot(xs, ys, "--", marker=".", ms=4, lw=1, color=extra((3 * k) % 20), label=name)
             for x, y, pt in zip(xs, ys, entry["points"]):
                 ax.annotate(f"{pt['lr']:g}", (x, y), fontsize=5, alpha=0.7)
         ax.axhline(0, color="grey", lw=0.8)
@@ -618,8 +666,8 @@ def plot_tradeoff(results: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
+def _save(fig: Any, path: Path, rect: tuple[float, float, float, float] | None = None) -> None:
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
 

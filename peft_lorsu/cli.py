@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss",
         choices=("contrastive", "class_ce"),
         default="contrastive",
-        help="loss of the vision methods (prompt methods use class_ce)",
+        help="loss of the vision methods (rlp, coop and lorsu_rlp use class_ce)",
     )
     continual.add_argument("--r", type=int, default=64, help="rank for LoRSU / LoRA (default: 64)")
     continual.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

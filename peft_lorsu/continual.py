@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 VISION_METHODS = ("lorsu", "lorsu_random", "lora", "full", "spu")
 SESSION_ADAPTER_METHODS = ("lorsu", "lorsu_random", "lora", "spu")  # one named adapter per session with merge=False
 PROMPT_METHODS = ("rlp", "coop")
-METHODS = ("zero_shot", *VISION_METHODS, *PROMPT_METHODS)
+JOINT_METHODS = ("lorsu_rlp",)  # LoRSU on the image tower and RLP on the text tower, one adapter (LoRSURLPConfig)
+CLASS_CE_METHODS = (*PROMPT_METHODS, *JOINT_METHODS)  # methods that train a text prompt need class prompts
+METHODS = ("zero_shot", *VISION_METHODS, *PROMPT_METHODS, *JOINT_METHODS)
 LOSSES = ("contrastive", "class_ce")
 
 
@@ -56,13 +58,16 @@ class ContinualConfig:
     """Settings of a continual run. Fields of the adapters follow LoRSU's reference run unless stated.
 
     Args:
-        method: one of :data:`METHODS`.
+        method: one of :data:`METHODS`: ``zero_shot``; the vision methods ``lorsu``, ``lorsu_random`` (random
+            heads and fc1 entries), ``lora``, ``full`` and ``spu`` (fc1 sparse update only); the prompt methods
+            ``rlp`` and ``coop``; ``lorsu_rlp``, LoRSU and RLP trained together as one adapter each session.
         sessions: number of sessions T.
         shots: images per class per session.
         disjoint_classes: each session holds its own classes (the paper); else every session samples all classes.
         epochs, lr, batch_size, weight_decay: optimisation per session (AdamW, constant lr).
         loss: ``"contrastive"`` (image-caption CLIP loss, the paper) or ``"class_ce"`` (class-prompt cross-entropy);
-            prompt methods always use ``"class_ce"``.
+            the loss of the vision methods; the methods that train a text prompt (RLP, CoOp, ``lorsu_rlp``) always use
+            ``"class_ce"``, since their prompt only exists in class prompts.
         r, lora_alpha, top_k_heads, sparsity: LoRSU / LoRA / sparse-update settings.
         merge: fold each session's adapter into the weights (the paper); ``False`` keeps one named adapter per
             session (``session_1``, ``session_2``, ...), all active, only the newest trainable, so that
@@ -257,7 +262,7 @@ class ContinualRunner:
     ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.target_train, self.target_test, self.controls = target_train, target_test, controls
-        self.loss = "class_ce" if config.method in PROMPT_METHODS else config.loss
+        self.loss = "class_ce" if config.method in CLASS_CE_METHODS else config.loss
 
     # -------------------------------------------------------------------------------------------- data
 
@@ -299,18 +304,13 @@ class ContinualRunner:
         cfg, method = self.config, self.config.method
         name = self._adapter_name(session)
         if method in ("lorsu", "lorsu_random", "spu"):
-            lorsu = LoRSUConfig(
-                r=cfg.r,
-                lora_alpha=cfg.lora_alpha,
-                top_k_heads=cfg.top_k_heads,
-                sparsity=cfg.sparsity,
-                selection="random" if method == "lorsu_random" else "gradient",
-                seed=cfg.seed + session,
-            )
-            if method == "spu":
-                lorsu.adapt_attention = lorsu.adapt_projection = lorsu.train_biases = False
-            probe_lorsu(model, lorsu, probe_data, loss_fn=self._loss_fn(), show_progress=False)
+            lorsu = self._probed_lorsu(model, session, probe_data)
             return self._add_adapter(model, lorsu, name)
+        if method == "lorsu_rlp":  # a fresh pair every session: the last one was merged and folded in _finish
+            from .joint import LoRSURLPConfig
+
+            lorsu = self._probed_lorsu(model, session, probe_data)
+            return get_peft_model(model, LoRSURLPConfig(lorsu=lorsu, rlp=self._rlp_config()))
         if method == "lora":
             lora = LoraConfig(
                 r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=r".*vision_model.*\.(q_proj|k_proj|v_proj)"
@@ -325,17 +325,36 @@ class ContinualRunner:
         if method in PROMPT_METHODS:
             if isinstance(model, PeftModel):  # prompts keep training across sessions
                 return model
-            from .rlp import RLPConfig
-
-            ids = self.tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
-            rlp = RLPConfig(
-                init_text=cfg.init_text,
-                init_token_ids=ids,
-                rank=cfg.prompt_rank,
-                mode="full_rank" if method == "coop" else "low_rank",
-            )
-            return get_peft_model(model, rlp)
+            return get_peft_model(model, self._rlp_config())
         raise ValueError(f"unknown method {method!r}")
+
+    def _probed_lorsu(self, model: nn.Module, session: int, probe_data: list[dict]) -> LoRSUConfig:
+        """This session's LoRSU config (or its random / sparse-only ablation), its selection filled in by the probe."""
+        cfg, method = self.config, self.config.method
+        lorsu = LoRSUConfig(
+            r=cfg.r,
+            lora_alpha=cfg.lora_alpha,
+            top_k_heads=cfg.top_k_heads,
+            sparsity=cfg.sparsity,
+            selection="random" if method == "lorsu_random" else "gradient",
+            seed=cfg.seed + session,
+        )
+        if method == "spu":
+            lorsu.adapt_attention = lorsu.adapt_projection = lorsu.train_biases = False
+        probe_lorsu(model, lorsu, probe_data, loss_fn=self._loss_fn(), show_progress=False)
+        return lorsu
+
+    def _rlp_config(self):
+        """The text prompt of RLP (low rank) or CoOp (full rank), initialised from ``init_text``."""
+        from .rlp import RLPConfig
+
+        cfg = self.config
+        return RLPConfig(
+            init_text=cfg.init_text,
+            init_token_ids=self.tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"],
+            rank=cfg.prompt_rank,
+            mode="full_rank" if cfg.method == "coop" else "low_rank",
+        )
 
     def _add_adapter(self, model: nn.Module, peft_config, name: str) -> nn.Module:
         if not isinstance(model, PeftModel):
@@ -397,6 +416,10 @@ class ContinualRunner:
         if self.config.method == "full":
             trained.requires_grad_(False)
             return trained
+        if self.config.method == "lorsu_rlp":
+            # LoRSU merges into the image encoder; the prompt folds into the text position embeddings, exact here
+            # because every prompt this runner builds starts with init_text (see RLPModel.merge_and_unload)
+            return trained.merge_and_unload(fold_into_position_embedding=True)
         if isinstance(trained, PeftModel) and self.config.merge and self.config.method not in PROMPT_METHODS:
             return trained.merge_and_unload()
         return trained

@@ -130,3 +130,28 @@ def test_merged_sessions_report_memory_but_cannot_roll_back():
     stacked.run(show_progress=False)
     with pytest.raises(ValueError, match=r"session must be in 1..2, got 3"):
         stacked.rollback(3)
+
+
+def test_lorsu_rlp_trains_both_towers_and_folds_the_prompt_each_session():
+    run = runner("lorsu_rlp", loss="contrastive")  # the prompt needs class prompts: the runner uses class_ce
+    assert run.loss == "class_ce"
+    base = copy.deepcopy(run.model)
+    result = run.run(show_progress=False)
+    final = run.final_model
+    assert type(final) is type(base), "each session is merged and folded: a plain CLIPModel comes out"
+    # the image tower changed (LoRSU merged), the text tower only in the position embeddings of the context tokens
+    # (positions 1..n_ctx after BOS: where RLP's prompt was folded)
+    n_ctx = len(run.tokenizer(run.config.init_text, add_special_tokens=False)["input_ids"])
+    pos = final.text_model.embeddings.position_embedding.weight
+    changed = (pos - base.text_model.embeddings.position_embedding.weight).abs().amax(dim=1) > 0
+    assert changed.nonzero().flatten().tolist() == list(range(1, 1 + n_ctx))
+    text_rest = {k: v for k, v in final.text_model.state_dict().items() if "position_embedding" not in k}
+    assert all(torch.equal(v, base.text_model.state_dict()[k]) for k, v in text_rest.items())
+    assert not torch.equal(
+        final.vision_model.encoder.layers[0].mlp.fc1.weight, base.vision_model.encoder.layers[0].mlp.fc1.weight
+    )
+    # trainable parameters per session: LoRSU's (same config and probe as method "lorsu") plus RLP's n_ctx * r + r * d
+    d = base.config.text_config.hidden_size
+    lorsu_only = runner("lorsu", loss="class_ce").run(show_progress=False)
+    assert result.trainable_params == [n + n_ctx + d for n in lorsu_only.trainable_params]
+    assert result.final_adapter_bytes == 0 and all(b > 0 for b in result.adapter_bytes)

@@ -64,6 +64,7 @@ class Method:
     side: str  # "vision", "text" or "-"
     description: str
     lorsu_options: dict[str, Any] | None = None  # LoRSUConfig fields of a LoRSU variant (head_scoring, ...)
+    config_fields: dict[str, Any] | None = None  # ContinualConfig fields of this row that differ from the plan's
 
     @property
     def head_scoring(self) -> str | None:
@@ -98,6 +99,22 @@ METHODS: dict[str, Method] = {
         ),
         Method("rlp", "rlp", "prompt", "text", "RLP: rank-1 low-rank text context (CoOp style)"),
         Method("coop", "coop", "prompt", "text", "CoOp: full-rank text context"),
+        # issue 12's joint model next to each of its parts alone, all three on the class-prompt loss
+        Method(
+            "lorsu_ce",
+            "lorsu",
+            "adapter",
+            "vision",
+            "LoRSU trained with the class-prompt cross-entropy (the loss of the joint row)",
+            config_fields={"loss": "class_ce"},
+        ),
+        Method(
+            "lorsu_rlp",
+            "lorsu_rlp",
+            "adapter",
+            "both",
+            "LoRSU (image) + rank-1 RLP (text) as one adapter, class-prompt cross-entropy",
+        ),
     )
 }
 PROMPT_METHODS = ("rlp", "coop")
@@ -415,6 +432,7 @@ class Bench:
         return self._targets[name]
 
     def _config(self, method: Method, lr: float, seed: int, **fields: Any) -> ContinualConfig:
+        """The run's ContinualConfig: the plan's settings, then the method's own fields, then ``fields``."""
         p = self.plan
         base = dict(
             method=method.runner_method,
@@ -433,7 +451,7 @@ class Bench:
             prompt_rank=p.prompt_rank,
             seed=seed,
         )
-        return ContinualConfig(**{**base, **fields})
+        return ContinualConfig(**{**base, **(method.config_fields or {}), **fields})
 
     def _run(self, key: dict, method: Method, config: ContinualConfig, train, test, controls) -> tuple[dict, Any]:
         runner = BenchmarkRunner(

@@ -449,13 +449,51 @@ def protocol_section(results: dict) -> list[str]:
         f"batch {plan['batch_size']}, {plan['epochs']} epochs per session: "
         + ", ".join(f"{k}: {n} optimizer steps per session" for k, n in steps.items())
         + f". Vision methods use CLIP's contrastive loss on template captions (`loss={plan['loss']!r}`, the paper's); "
-        "RLP / CoOp train the text context with the class-prompt cross-entropy and keep it across sessions.",
+        "RLP / CoOp train the text context with the class-prompt cross-entropy and keep it across sessions."
+        + (JOINT_PROTOCOL if "lorsu_rlp" in results["methods"] else ""),
         f"- Ranks and sizes: LoRSU and LoRA r = {plan['r']}, alpha = {plan['lora_alpha']:g}; LoRSU top_k_heads = "
         f"{plan['top_k_heads']}, sparsity = {plan['sparsity']}; `spu` uses the same fc1 sparsity; RLP rank "
         f"{plan['prompt_rank']}, CoOp full rank, both with {len(plan['init_text'].split())} context tokens "
         f"initialised from `{plan['init_text']}`.",
         "",
     ]
+
+
+JOINT_PROTOCOL = (
+    " `lorsu_ce` and `lorsu_rlp` use the class-prompt cross-entropy too; `lorsu_rlp` (LoRSU + RLP as one adapter) "
+    "merges LoRSU into the image encoder and folds the prompt into the text position embeddings after every "
+    "session, and the next session starts a fresh pair on top (one lr for both parts, from the adapter grid)."
+)
+JOINT_ROWS = ("rlp", "lorsu_ce", "lorsu_rlp")
+
+
+def joint_section(results: dict) -> list[str]:
+    """LoRSU + RLP in one model next to each part alone (all on the class-prompt loss), per setting and lr rule."""
+    settings = [s for s in results["continual"] if "lorsu_rlp" in s["methods"]]
+    if not settings:
+        return []
+    lines = [
+        "## LoRSU + RLP in one model",
+        "",
+        "The joint adapter (`LoRSURLPConfig`: LoRSU on the image tower, rank-1 RLP on the text tower, trained "
+        "together) against RLP alone and LoRSU alone, all three with the class-prompt cross-entropy, same sessions "
+        "and steps. TI / CC in points (mean ± std over seeds), at each method's lr under both rules.",
+        "",
+    ]
+    rows = []
+    for setting in settings:
+        label = f"{setting['target']}, {setting['shots']}-shot"
+        for name in JOINT_ROWS:
+            entry = setting["methods"].get(name)
+            if entry is None:
+                continue
+            cells = [label, f"`{name}`", f"{entry['summary']['trainable_params']:,}"]
+            for rule in RULES:
+                s = _get(setting, name, rule)
+                cells.append(f"{pct(s['target_improvement'], signed=True)} / {pct(s['control_change'], signed=True)}")
+            rows.append(cells)
+    header = ["setting", "method", "trainable params", *[f"TI / CC ({RULES[r]})" for r in RULES]]
+    return lines + _table(header, rows) + [""]
 
 
 def methods_section(results: dict) -> list[str]:
@@ -500,6 +538,7 @@ def write_markdown(results: dict, path: Path) -> None:
     ]
     for setting in results["continual"]:
         lines += continual_section(setting, results)
+    lines += joint_section(results)
     if results["base_to_new"]:
         lines += b2n_section(results) + [f"![base-to-new]({B2N_PNG})", ""]
     lines += protocol_section(results)

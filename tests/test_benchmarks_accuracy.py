@@ -128,6 +128,10 @@ def test_base_to_new_and_parameter_counts(smoke):
         assert 0 < rlp < coop
     lorsu = res["continual"][0]["methods"]["lorsu"]["summary"]["trainable_params"]
     assert lorsu == res["continual"][0]["methods"]["lorsu_random"]["summary"]["trainable_params"]
+    # the joint row holds exactly LoRSU's parameters (same probe, class-prompt loss) plus RLP's
+    for setting in res["continual"]:
+        params = {m: setting["methods"][m]["summary"]["trainable_params"] for m in ("lorsu_ce", "lorsu_rlp", "rlp")}
+        assert params["lorsu_rlp"] == params["lorsu_ce"] + params["rlp"]
 
 
 def test_investigation_uses_validation_data_only(smoke):
@@ -154,6 +158,7 @@ def test_targets_report_and_plots(smoke):
     md = (out / "accuracy.md").read_text()
     assert "CPU-size" in md and "--model" in md and "## Targets" in md and "## Learning rates" in md
     assert "## Investigation (validation data only)" in md
+    assert "## LoRSU + RLP in one model" in md and "| `lorsu_rlp` |" in md
     for png in ("accuracy_sessions.png", "accuracy_ti_cc.png", "accuracy_b2n.png", "accuracy_tradeoff.png"):
         assert (out / png).stat().st_size > 1000
     (out / "accuracy.md").unlink()

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from peft_lorsu.continual import ClassificationSet, ContinualConfig, ContinualRunner
 from peft_lorsu.datasets import LabeledImages, load_image_dataset, to_pixel_values
 from peft_lorsu.lorsu import LoRSUConfig, probe_lorsu
+from peft_lorsu.lorsu.scoring import HeadScorer, HeadStatistics
 from peft_lorsu.objectives import base_to_new_split, build_class_prompts, evaluate_base_to_new
 from peft_lorsu.resources import load_clip
 
@@ -65,11 +66,24 @@ class Method:
     description: str
     lorsu_options: dict[str, Any] | None = None  # LoRSUConfig fields of a LoRSU variant (head_scoring, ...)
     config_fields: dict[str, Any] | None = None  # ContinualConfig fields of this row that differ from the plan's
+    head_scorer: HeadScorer | None = None  # a user-supplied head scorer given to probe_lorsu (issue 12)
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as JSON: its fields, the head scorer by its qualified name."""
+        out = dataclasses.asdict(self)
+        out["head_scorer"] = self.head_scorer.__qualname__ if self.head_scorer else None
+        return out
 
     @property
     def head_scoring(self) -> str | None:
         """The head-scoring strategy of issue 12 this variant needs (``peft_lorsu.lorsu.scoring``), if any."""
         return (self.lorsu_options or {}).get("head_scoring")
+
+
+def value_heads_score(stats: HeadStatistics) -> torch.Tensor:
+    """A user-style head scorer for the ablation row ``lorsu_custom``: heads ranked by the squared norm of their rows
+    of the mean v gradient alone, `(H * d_h, d)` -> `(H,)` (the paper's score also counts q and k)."""
+    return stats.grad_v.reshape(stats.num_heads, -1).pow(2).sum(1)
 
 
 METHODS: dict[str, Method] = {
@@ -96,6 +110,14 @@ METHODS: dict[str, Method] = {
             "vision",
             "LoRSU, heads by per-sample Fisher score",
             {"head_scoring": "fisher"},
+        ),
+        Method(
+            "lorsu_custom",
+            "lorsu",
+            "adapter",
+            "vision",
+            "LoRSU, heads by a user-supplied scorer (v-gradient rows only)",
+            head_scorer=value_heads_score,
         ),
         Method("rlp", "rlp", "prompt", "text", "RLP: rank-1 low-rank text context (CoOp style)"),
         Method("coop", "coop", "prompt", "text", "CoOp: full-rank text context"),
@@ -148,11 +170,19 @@ def head_scoring_available() -> bool:
 
 
 class BenchmarkRunner(ContinualRunner):
-    """:class:`ContinualRunner` plus LoRSU variants (other LoRSUConfig fields), and the evaluation time kept apart."""
+    """:class:`ContinualRunner` plus LoRSU variants (other LoRSUConfig fields or a head scorer of one's own), and the
+    evaluation time kept apart."""
 
-    def __init__(self, *args: Any, lorsu_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        lorsu_options: dict[str, Any] | None = None,
+        head_scorer: HeadScorer | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.lorsu_options = lorsu_options or {}
+        self.head_scorer = head_scorer
         self.eval_seconds = 0.0
 
     def evaluate(self, model: torch.nn.Module) -> list[float]:
@@ -162,14 +192,14 @@ class BenchmarkRunner(ContinualRunner):
         return accs
 
     def _adapt(self, model: torch.nn.Module, session: int, probe_data: list[dict]) -> torch.nn.Module:
-        if not self.lorsu_options:
+        if not self.lorsu_options and self.head_scorer is None:
             return super()._adapt(model, session, probe_data)
         cfg = self.config
         fields = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, top_k_heads=cfg.top_k_heads, sparsity=cfg.sparsity)
         lorsu = LoRSUConfig(**{**fields, **self.lorsu_options}, seed=cfg.seed + session)
         # fisher needs per-sample losses: the probe's default gives them for CLIP's contrastive loss
         loss_fn = None if self.lorsu_options.get("head_scoring") == "fisher" else self._loss_fn()
-        probe_lorsu(model, lorsu, probe_data, loss_fn=loss_fn, show_progress=False)
+        probe_lorsu(model, lorsu, probe_data, loss_fn=loss_fn, head_scorer=self.head_scorer, show_progress=False)
         return get_peft_model(model, lorsu)  # the runner merges every session (merge=True): a plain model comes in
 
 
@@ -462,6 +492,7 @@ class Bench:
             controls,
             config,
             lorsu_options=method.lorsu_options,
+            head_scorer=method.head_scorer,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing deprecation
@@ -764,8 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": dataclasses.asdict(plan),
         "model": plan.model or "packaged mini-CLIP (peft_lorsu/assets/mini-clip)",
         "data": {},
-        "methods": {m: dataclasses.asdict(ALL_METHODS[m]) for m in plan.methods},
-        "variants": {m: dataclasses.asdict(ALL_METHODS[m]) for m in plan.investigate_methods},
+        "methods": {m: ALL_METHODS[m].to_json() for m in plan.methods},
+        "variants": {m: ALL_METHODS[m].to_json() for m in plan.investigate_methods},
         "continual": [],
         "base_to_new": [],
     }

@@ -128,6 +128,9 @@ def test_base_to_new_and_parameter_counts(smoke):
         assert 0 < rlp < coop
     lorsu = res["continual"][0]["methods"]["lorsu"]["summary"]["trainable_params"]
     assert lorsu == res["continual"][0]["methods"]["lorsu_random"]["summary"]["trainable_params"]
+    # the user-scorer row is recorded by name and trains as many parameters as LoRSU
+    assert res["methods"]["lorsu_custom"]["head_scorer"] == "value_heads_score"
+    assert res["continual"][0]["methods"]["lorsu_custom"]["summary"]["trainable_params"] == lorsu
     # the joint row holds exactly LoRSU's parameters (same probe, class-prompt loss) plus RLP's
     for setting in res["continual"]:
         params = {m: setting["methods"][m]["summary"]["trainable_params"] for m in ("lorsu_ce", "lorsu_rlp", "rlp")}
@@ -180,3 +183,15 @@ def test_resume_reuses_finished_runs(smoke, monkeypatch, tmp_path):
     assert accuracy.main(["--smoke", "--resume", "--out", str(copy)]) == 0
     resumed = json.loads((copy / "accuracy.json").read_text())
     assert resumed["continual"] == res["continual"] and resumed["base_to_new"] == res["base_to_new"]
+
+
+def test_value_heads_score_ranks_heads_by_their_v_rows():
+    from peft_lorsu.lorsu.scoring import HeadStatistics
+
+    H, d_h, d = 3, 2, 4
+    grad_v = torch.zeros(H * d_h, d)
+    grad_v[2:4] = 1.0  # head 1: 8 entries of 1
+    grad_v[4:6, 0] = 3.0  # head 2: 2 entries of 3
+    big_q = torch.full((H * d_h, d), 100.0)  # q and k are ignored by this scorer
+    stats = HeadStatistics("block", H, d_h, big_q, big_q, grad_v, num_samples=4)
+    assert accuracy.value_heads_score(stats).tolist() == [0.0, 8.0, 18.0]

@@ -73,6 +73,8 @@ class ContinualConfig:
             session (``session_1``, ``session_2``, ...), all active, only the newest trainable, so that
             :meth:`ContinualRunner.rollback` can undo sessions (LoRSU, its ablations and LoRA).
         init_text, prompt_rank: RLP / CoOp context and rank; also the evaluation prompt prefix.
+        prompt_dropout: RLP's dropout on ``P_A @ P_B`` in ``[0, 1)`` (``rlp`` and ``lorsu_rlp``; CoOp has no low-rank
+            branch and refuses a non-zero value).
         seed: data sampling, initialisation and shuffling.
     """
 
@@ -92,6 +94,7 @@ class ContinualConfig:
     merge: bool = True
     init_text: str = "a photo of a"
     prompt_rank: int = 1
+    prompt_dropout: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,6 +107,13 @@ class ContinualConfig:
                 raise ValueError(f"ContinualConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"ContinualConfig.lr must be > 0, got {self.lr!r}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"ContinualConfig.prompt_dropout must be in [0, 1), got {self.prompt_dropout!r}")
+        if self.method == "coop" and self.prompt_dropout > 0.0:
+            raise ValueError(
+                f"ContinualConfig.prompt_dropout={self.prompt_dropout} needs RLP's low-rank branch; method 'coop' "
+                "trains the full-rank context (use 0.0)"
+            )
 
 
 @dataclass
@@ -353,6 +363,7 @@ class ContinualRunner:
             init_text=cfg.init_text,
             init_token_ids=self.tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"],
             rank=cfg.prompt_rank,
+            dropout=cfg.prompt_dropout,
             mode="full_rank" if cfg.method == "coop" else "low_rank",
         )
 

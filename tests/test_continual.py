@@ -96,6 +96,16 @@ def test_config_errors():
         ContinualConfig(shots=0)
     with pytest.raises(ValueError, match="loss must be one of"):
         ContinualConfig(loss="mse")
+    with pytest.raises(ValueError, match=r"prompt_dropout must be in \[0, 1\), got 1.0"):
+        ContinualConfig(method="rlp", prompt_dropout=1.0)
+    with pytest.raises(ValueError, match="prompt_dropout=0.5 needs RLP's low-rank branch"):
+        ContinualConfig(method="coop", prompt_dropout=0.5)
+
+
+def test_prompt_dropout_reaches_the_rlp_adapter():
+    run = runner("rlp", prompt_dropout=0.25)
+    run.run(show_progress=False)
+    assert run.final_model.peft_config["default"].dropout == 0.25
 
 
 def test_rollback_undoes_sessions_and_memory_is_reported():

@@ -159,6 +159,10 @@ VARIANTS: dict[str, Method] = {
                _HEADS_ONLY),
         Method("heads_only_random", "lorsu", "adapter", "vision", "random heads only (no fc1, biases, proj.)",
                {**_HEADS_ONLY, "head_scoring": "random"}),
+        Method("rlp_drop25", "rlp", "prompt", "text", "RLP with dropout 0.25 on P_A P_B",
+               config_fields={"prompt_dropout": 0.25}),
+        Method("rlp_drop50", "rlp", "prompt", "text", "RLP with dropout 0.5 on P_A P_B",
+               config_fields={"prompt_dropout": 0.5}),
     )
 }  # fmt: skip
 ALL_METHODS = {**METHODS, **VARIANTS}
@@ -248,6 +252,16 @@ class Plan:
     investigate_grids: dict[str, list[float]] = dataclasses.field(
         default_factory=lambda: {"full": [1e-5, 3e-5, 1e-4, 3e-4], "adapter": [3e-4, 1e-3, 3e-3, 1e-2]}
     )
+    # the base-to-new investigation (validation data only): RLP with and without dropout vs CoOp over a wider lr grid,
+    # base / new / H measured on the validation images of both halves
+    investigate_b2n_datasets: list[str] = dataclasses.field(
+        default_factory=lambda: ["fashion_mnist:low_contrast", "fashion_mnist:inverted", "digits"]
+    )
+    investigate_b2n_methods: list[str] = dataclasses.field(
+        default_factory=lambda: ["rlp", "rlp_drop25", "rlp_drop50", "coop"]
+    )
+    investigate_b2n_grid: list[float] = dataclasses.field(default_factory=lambda: [3e-3, 1e-2, 3e-2, 1e-1])
+    investigate_b2n_seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     b2n_datasets: list[str] = dataclasses.field(
         default_factory=lambda: ["fashion_mnist:low_contrast", "fashion_mnist:inverted", "digits"]
     )
@@ -308,6 +322,10 @@ PLANS: dict[str, Plan] = {
         investigate_shots=1,
         investigate_methods=["lora", "lorsu", "lorsu_core"],
         investigate_grids={"full": [1e-4], "adapter": [1e-3, 1e-2]},
+        investigate_b2n_datasets=["digits"],
+        investigate_b2n_methods=["rlp", "rlp_drop25", "coop"],
+        investigate_b2n_grid=[1e-2],
+        investigate_b2n_seeds=[0],
     ),
 }
 
@@ -596,7 +614,8 @@ class Bench:
 
     def b2n_run(self, dataset: str, init_text: str, method: Method, lr: float, seed: int, split: str) -> dict:
         """Train ``method`` on the base classes only (one session of ``b2n_shots`` per class); ``split="val"``
-        returns the base-class validation accuracy, ``"test"`` base / new / H on the test split."""
+        returns the base-class validation accuracy, ``"test"`` base / new / H on the test split, ``"val_b2n"``
+        base / new / H on the validation split (the investigation; never used to choose a headline setting)."""
         key = dict(kind="b2n", dataset=dataset, init_text=init_text, method=method.name, lr=lr, seed=seed, split=split)
         key["plan"] = self.fingerprint
 
@@ -614,11 +633,12 @@ class Bench:
                 disjoint_classes=False,
             )
             record, runner = self._run(key, method, config, pool, val, {})
-            if split == "test":
-                prompts = build_class_prompts(data.test.class_names, init_text=init_text)
+            evaluated = {"test": data.test, "val_b2n": data.val}.get(split)
+            if evaluated is not None:
+                prompts = build_class_prompts(evaluated.class_names, init_text=init_text)
                 loader = [
-                    {"pixel_values": data.test.pixel_values[i : i + 256], "labels": data.test.labels[i : i + 256]}
-                    for i in range(0, len(data.test.labels), 256)
+                    {"pixel_values": evaluated.pixel_values[i : i + 256], "labels": evaluated.labels[i : i + 256]}
+                    for i in range(0, len(evaluated.labels), 256)
                 ]
                 b2n = evaluate_base_to_new(runner.final_model, loader, prompts, self.tokenizer)
                 record.update(base=b2n.base_accuracy, new=b2n.new_accuracy, harmonic=b2n.harmonic_mean)
@@ -667,6 +687,25 @@ class Bench:
             }
         return out
 
+    def investigation_b2n(self, dataset: str) -> dict:
+        """Validation-only base-to-new study: every investigated prompt method over the wider lr grid and seeds,
+        base / new / H on the validation images (both halves of the classes)."""
+        p = self.plan
+        out: dict[str, Any] = {"dataset": dataset, "init_text": p.init_text, "seeds": p.investigate_b2n_seeds}
+        out["methods"] = {}
+        for name in p.investigate_b2n_methods:
+            m = ALL_METHODS[name]
+            points = []
+            for lr in p.investigate_b2n_grid:
+                runs = [self.b2n_run(dataset, p.init_text, m, lr, s, "val_b2n") for s in p.investigate_b2n_seeds]
+                points.append({"lr": lr, **{f: mean_std([r[f] for r in runs]) for f in ("base", "new", "harmonic")}})
+            out["methods"][name] = {
+                "description": m.description,
+                "trainable_params": runs[0]["trainable_params"],
+                "points": points,
+            }
+        return out
+
     def total_runs(self) -> int:
         p = self.plan
         trained = [m for m in p.methods if ALL_METHODS[m].grid]
@@ -680,6 +719,8 @@ class Bench:
         per_b2n += "zero_shot" in p.b2n_methods
         total = len(p.targets) * len(p.shots) * per_setting + len(p.b2n_datasets) * len(p.b2n_init_texts) * per_b2n
         per_study = sum(len(p.investigate_grids[ALL_METHODS[m].grid]) for m in p.investigate_methods)
+        b2n_study = len(p.investigate_b2n_methods) * len(p.investigate_b2n_grid) * len(p.investigate_b2n_seeds)
+        total += len(p.investigate_b2n_datasets) * b2n_study
         return total + len(p.investigate_targets) * per_study * len(p.investigate_seeds)
 
 
@@ -796,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": plan.model or "packaged mini-CLIP (peft_lorsu/assets/mini-clip)",
         "data": {},
         "methods": {m: ALL_METHODS[m].to_json() for m in plan.methods},
-        "variants": {m: ALL_METHODS[m].to_json() for m in plan.investigate_methods},
+        "variants": {m: ALL_METHODS[m].to_json() for m in [*plan.investigate_methods, *plan.investigate_b2n_methods]},
         "continual": [],
         "base_to_new": [],
     }
@@ -818,6 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["investigation"] = []
     for target in plan.investigate_targets:
         results["investigation"].append(bench.investigation(target))
+    results["investigation_b2n"] = [bench.investigation_b2n(d) for d in plan.investigate_b2n_datasets]
     bench.cache.bar.close()
     results["wall_seconds"] = time.perf_counter() - start
     results["runs"] = len(bench.cache.records)

@@ -358,6 +358,48 @@ def investigation_section(results: dict) -> list[str]:
     return lines
 
 
+def b2n_investigation_section(results: dict) -> list[str]:
+    """RLP (with and without dropout) vs CoOp base-to-new on validation images, over the wider lr grid."""
+    studies = results.get("investigation_b2n") or []
+    if not studies:
+        return []
+    plan = results["plan"]
+    lines = [
+        "### Base-to-new on validation images: RLP dropout and the lr grid",
+        "",
+        f"Each prompt method trained on the base classes as in the base-to-new section, then scored on the "
+        f"*validation* images of base and new classes (from the train split), seeds "
+        f"{', '.join(map(str, plan['investigate_b2n_seeds']))}, context `{plan['init_text']}`. Cells: B / N / H "
+        "(%, mean over seeds); last column: the best mean H over the grid ± its std over seeds. Looking at new "
+        "classes here is what makes it an investigation: no headline setting is chosen from it.",
+        "",
+    ]
+    variants = results.get("variants", {})
+    for study in studies:
+        lines += [f"#### {study['dataset']}", ""]
+        lrs = sorted({pt["lr"] for e in study["methods"].values() for pt in e["points"]})
+        rows = []
+        for name, entry in study["methods"].items():
+            cells = {
+                pt["lr"]: " / ".join(f"{100 * pt[f][0]:.1f}" for f in ("base", "new", "harmonic"))
+                for pt in entry["points"]
+            }
+            best = max(entry["points"], key=lambda pt: pt["harmonic"][0])
+            desc = variants.get(name, {}).get("description", entry["description"])
+            rows.append(
+                [
+                    f"`{name}`",
+                    desc,
+                    f"{entry['trainable_params']:,}",
+                    *[cells.get(lr, "") for lr in lrs],
+                    f"{pct(best['harmonic'])} (lr {best['lr']:g})",
+                ]
+            )
+        header = ["method", "what", "params", *[f"lr {lr:g}" for lr in lrs], "best H"]
+        lines += _table(header, rows) + [""]
+    return lines
+
+
 def cc_at_ti(points: list[dict], level: float) -> float | None:
     """CC_val where the method's TI_val first reaches ``level`` along its lr grid (linear between grid points);
     None if it never does."""
@@ -545,6 +587,7 @@ def write_markdown(results: dict, path: Path) -> None:
     lines += methods_section(results)
     lines += lr_section(results)
     lines += investigation_section(results)
+    lines += b2n_investigation_section(results)
     if NOTES.exists() and results["mode"] != "smoke":
         lines += [NOTES.read_text().strip(), ""]
     path.write_text("\n".join(lines))

@@ -148,7 +148,25 @@ def test_investigation_uses_validation_data_only(smoke):
             assert [pt["lr"] for pt in entry["points"]] == grid
             assert all(-1.0 <= pt["ti_val"][0] <= 1.0 and -1.0 <= pt["cc_val"][0] <= 1.0 for pt in entry["points"])
     splits = {json.loads(json.loads(line)["key"])["split"] for line in (out / "accuracy_runs.jsonl").open()}
-    assert splits == {"val", "val+controls", "test"}
+    assert splits == {"val", "val+controls", "test", "val_b2n"}
+
+
+def test_base_to_new_investigation(smoke):
+    out, res = smoke
+    plan = res["plan"]
+    assert [s["dataset"] for s in res["investigation_b2n"]] == plan["investigate_b2n_datasets"]
+    for study in res["investigation_b2n"]:
+        assert list(study["methods"]) == plan["investigate_b2n_methods"]
+        for entry in study["methods"].values():
+            assert [pt["lr"] for pt in entry["points"]] == plan["investigate_b2n_grid"]
+            for pt in entry["points"]:
+                b, n, h = pt["base"][0], pt["new"][0], pt["harmonic"][0]
+                assert 0.0 <= b <= 1.0 and 0.0 <= n <= 1.0 and 0.0 <= h <= max(b, n)
+        params = {name: e["trainable_params"] for name, e in study["methods"].items()}
+        assert params["rlp_drop25"] == params["rlp"] < params["coop"]  # dropout adds no parameter
+    assert res["variants"]["rlp_drop25"]["config_fields"] == {"prompt_dropout": 0.25}
+    md = (out / "accuracy.md").read_text()
+    assert "### Base-to-new on validation images: RLP dropout and the lr grid" in md and "| `rlp_drop25` |" in md
 
 
 def test_targets_report_and_plots(smoke):

@@ -7,7 +7,7 @@ alone (``python -m benchmarks.accuracy --report-only --out DIR``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -344,18 +344,28 @@ def investigation_section(results: dict) -> list[str]:
         f"![TI vs CC over the lr grid]({TRADEOFF_PNG})",
         "",
     ]
-    variants = results.get("variants", {})
     for study in studies:
         lines += [f"### {study['target']}, {study['shots']}-shot", ""]
-        lrs = sorted({pt["lr"] for e in study["methods"].values() for pt in e["points"]})
-        rows = []
-        for name, entry in study["methods"].items():
-            cells = {pt["lr"]: f"{100 * pt['ti_val'][0]:.1f} / {100 * pt['cc_val'][0]:+.1f}" for pt in entry["points"]}
-            desc = variants.get(name, {}).get("description", entry["description"])
-            rows.append([f"`{name}`", desc, f"{entry['trainable_params']:,}", *[cells.get(lr, "") for lr in lrs]])
-        lines += _table(["method", "what", "params", *[f"lr {lr:g}" for lr in lrs]], rows) + [""]
+        lines += _grid_table(study, results, lambda pt: f"{100 * pt['ti_val'][0]:.1f} / {100 * pt['cc_val'][0]:+.1f}")
         lines += matched_ti_lines(study)
     return lines
+
+
+def _grid_table(
+    study: dict, results: dict, cell: Callable[[dict], str], last: tuple[str, Callable[[dict], str]] | None = None
+) -> list[str]:
+    """One row per method of a study, one column per lr of its grid (``cell(point)``); ``last``: the header and
+    ``fn(entry)`` of an extra column."""
+    variants = results.get("variants", {})
+    lrs = sorted({pt["lr"] for e in study["methods"].values() for pt in e["points"]})
+    rows = []
+    for name, entry in study["methods"].items():
+        cells = {pt["lr"]: cell(pt) for pt in entry["points"]}
+        desc = variants.get(name, {}).get("description", entry["description"])
+        row = [f"`{name}`", desc, f"{entry['trainable_params']:,}", *[cells.get(lr, "") for lr in lrs]]
+        rows.append(row + ([last[1](entry)] if last else []))
+    header = ["method", "what", "params", *[f"lr {lr:g}" for lr in lrs], *([last[0]] if last else [])]
+    return _table(header, rows) + [""]
 
 
 def b2n_investigation_section(results: dict) -> list[str]:
@@ -374,30 +384,20 @@ def b2n_investigation_section(results: dict) -> list[str]:
         "classes here is what makes it an investigation: no headline setting is chosen from it.",
         "",
     ]
-    variants = results.get("variants", {})
     for study in studies:
         lines += [f"#### {study['dataset']}", ""]
-        lrs = sorted({pt["lr"] for e in study["methods"].values() for pt in e["points"]})
-        rows = []
-        for name, entry in study["methods"].items():
-            cells = {
-                pt["lr"]: " / ".join(f"{100 * pt[f][0]:.1f}" for f in ("base", "new", "harmonic"))
-                for pt in entry["points"]
-            }
-            best = max(entry["points"], key=lambda pt: pt["harmonic"][0])
-            desc = variants.get(name, {}).get("description", entry["description"])
-            rows.append(
-                [
-                    f"`{name}`",
-                    desc,
-                    f"{entry['trainable_params']:,}",
-                    *[cells.get(lr, "") for lr in lrs],
-                    f"{pct(best['harmonic'])} (lr {best['lr']:g})",
-                ]
-            )
-        header = ["method", "what", "params", *[f"lr {lr:g}" for lr in lrs], "best H"]
-        lines += _table(header, rows) + [""]
+        lines += _grid_table(
+            study,
+            results,
+            lambda pt: " / ".join(f"{100 * pt[f][0]:.1f}" for f in ("base", "new", "harmonic")),
+            ("best H", _best_h),
+        )
     return lines
+
+
+def _best_h(entry: dict) -> str:
+    best = max(entry["points"], key=lambda pt: pt["harmonic"][0])
+    return f"{pct(best['harmonic'])} (lr {best['lr']:g})"
 
 
 def cc_at_ti(points: list[dict], level: float) -> float | None:

@@ -159,13 +159,19 @@ VARIANTS: dict[str, Method] = {
                _HEADS_ONLY),
         Method("heads_only_random", "lorsu", "adapter", "vision", "random heads only (no fc1, biases, proj.)",
                {**_HEADS_ONLY, "head_scoring": "random"}),
+    )
+}  # fmt: skip
+# RLP variants of the base-to-new investigation (validation data only): does the paper's dropout change the picture
+PROMPT_VARIANTS: dict[str, Method] = {
+    m.name: m
+    for m in (
         Method("rlp_drop25", "rlp", "prompt", "text", "RLP with dropout 0.25 on P_A P_B",
                config_fields={"prompt_dropout": 0.25}),
         Method("rlp_drop50", "rlp", "prompt", "text", "RLP with dropout 0.5 on P_A P_B",
                config_fields={"prompt_dropout": 0.5}),
     )
 }  # fmt: skip
-ALL_METHODS = {**METHODS, **VARIANTS}
+ALL_METHODS = {**METHODS, **VARIANTS, **PROMPT_VARIANTS}
 
 
 def head_scoring_available() -> bool:

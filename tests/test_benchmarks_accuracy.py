@@ -213,3 +213,19 @@ def test_value_heads_score_ranks_heads_by_their_v_rows():
     big_q = torch.full((H * d_h, d), 100.0)  # q and k are ignored by this scorer
     stats = HeadStatistics("block", H, d_h, big_q, big_q, grad_v, num_samples=4)
     assert accuracy.value_heads_score(stats).tolist() == [0.0, 8.0, 18.0]
+
+
+@pytest.mark.parametrize("mode", sorted(accuracy.PLANS))
+def test_every_plan_names_known_methods_with_a_grid(mode):
+    """The full plan is only run by hand (minutes): check here that each of its method lists fits its grids."""
+    from types import SimpleNamespace
+
+    plan = accuracy.PLANS[mode]
+    for name in [*plan.methods, *plan.b2n_methods]:
+        method = accuracy.ALL_METHODS[name]
+        assert not method.grid or method.grid in plan.grids, name
+    for name in plan.investigate_methods:
+        assert accuracy.ALL_METHODS[name].grid in plan.investigate_grids, name
+    for name in plan.investigate_b2n_methods:
+        assert accuracy.ALL_METHODS[name].grid == "prompt", name
+    assert accuracy.Bench.total_runs(SimpleNamespace(plan=plan)) > 0

@@ -636,8 +636,10 @@ def plot_sessions(results: dict, path: Path) -> None:
             ax.set_ylabel("accuracy (%)", fontsize=8)
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
-    _save(fig, path, rect=(0, 0.05 / len(settings) + 0.02, 1, 1))
+    ncol = min(len(labels), 7)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    legend_rows = -(-len(labels) // ncol)
+    _save(fig, path, rect=(0, (0.02 + 0.018 * legend_rows) * 4 / max(len(settings), 1), 1, 1))
 
 
 def plot_ti_cc(results: dict, path: Path) -> None:
@@ -760,9 +762,11 @@ def _short(n: int) -> str:
 
 def _colors(results: dict) -> dict[str, Any]:
     plt = _pyplot()
-    cmap = plt.get_cmap("tab10")
     names = list(results["methods"])
-    return {name: ("black" if name == "zero_shot" else cmap(i % 10)) for i, name in enumerate(names)}
+    # tab20's dark shades first (tab10's colours), then its light ones: no two of up to 20 methods share a colour
+    cmap = plt.get_cmap("tab20")
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return {name: ("black" if name == "zero_shot" else cmap(order[i % 20])) for i, name in enumerate(names)}
 
 
 def write_report(results: dict, out: Path) -> list[Path]:

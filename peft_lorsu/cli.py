@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         action="append",
         required=True,
-        help="lorsu, lorsu_random, lora, full, spu, rlp, coop or zero_shot (repeatable)",
+        help="lorsu, lorsu_random, lora, full, spu, rlp, coop, lorsu_rlp or zero_shot (repeatable)",
     )
     continual.add_argument("--sessions", type=int, default=5, help="number of sessions (default: 5)")
     continual.add_argument("--shots", type=int, default=5, help="images per class per session (default: 5)")

@@ -75,6 +75,8 @@ class ContinualConfig:
         init_text, prompt_rank: RLP / CoOp context and rank; also the evaluation prompt prefix.
         prompt_dropout: RLP's dropout on ``P_A @ P_B`` in ``[0, 1)`` (``rlp`` and ``lorsu_rlp``; CoOp has no low-rank
             branch and refuses a non-zero value).
+        prompt_lr: ``lorsu_rlp`` only: the learning rate of the prompt part (default: ``lr`` for both parts). A text
+            prompt usually wants a larger rate than the image-side adapter.
         seed: data sampling, initialisation and shuffling.
     """
 
@@ -95,6 +97,7 @@ class ContinualConfig:
     init_text: str = "a photo of a"
     prompt_rank: int = 1
     prompt_dropout: float = 0.0
+    prompt_lr: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +112,11 @@ class ContinualConfig:
             raise ValueError(f"ContinualConfig.lr must be > 0, got {self.lr!r}")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"ContinualConfig.prompt_dropout must be in [0, 1), got {self.prompt_dropout!r}")
+        if self.prompt_lr is not None and (self.method != "lorsu_rlp" or not self.prompt_lr > 0):
+            raise ValueError(
+                f"ContinualConfig.prompt_lr must be None or > 0 and is only used by method 'lorsu_rlp' (the others "
+                f"train one part, at lr); got prompt_lr={self.prompt_lr!r} with method {self.method!r}"
+            )
         if self.method == "coop" and self.prompt_dropout > 0.0:
             raise ValueError(
                 f"ContinualConfig.prompt_dropout={self.prompt_dropout} needs RLP's low-rank branch; method 'coop' "
@@ -462,6 +470,7 @@ class ContinualRunner:
                     weight_decay=cfg.weight_decay,
                     loss_fn=self._loss_fn(),
                     show_progress=show_progress,
+                    lr_by_name={"rlp_": cfg.prompt_lr} if cfg.prompt_lr is not None else None,
                 )
                 result.adapter_bytes.append(self._session_bytes(trainable, session))
                 model = self._finish(trainable).eval()

@@ -16,6 +16,25 @@ from .lorsu.probe import default_loss
 logger = logging.getLogger(__name__)
 
 
+def param_groups(
+    named: list[tuple[str, nn.Parameter]], lr: float, lr_by_name: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """Optimizer groups: one per key of ``lr_by_name`` (parameters whose name contains it) and one at ``lr``."""
+    for key, value in lr_by_name.items():
+        if not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"fit: lr_by_name[{key!r}] must be a number > 0, got {value!r}")
+    groups: dict[str | None, list[nn.Parameter]] = {key: [] for key in lr_by_name}
+    groups[None] = []
+    for name, param in named:
+        groups[next((key for key in lr_by_name if key in name), None)].append(param)
+    unmatched = [key for key in lr_by_name if not groups[key]]
+    if unmatched:
+        raise ValueError(f"fit: lr_by_name keys {unmatched} match no trainable parameter name")
+    return [
+        {"params": params, "lr": lr if key is None else lr_by_name[key]} for key, params in groups.items() if params
+    ]
+
+
 @dataclass
 class FitResult:
     """Per-epoch mean training losses and the number of optimizer steps taken."""
@@ -32,6 +51,7 @@ def fit(
     weight_decay: float = 0.0,
     loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
     show_progress: bool = True,
+    lr_by_name: Mapping[str, float] | None = None,
 ) -> FitResult:
     """Train the parameters of ``model`` that require grad with Adam(W) for ``epochs`` passes over ``dataloader``.
 
@@ -39,18 +59,21 @@ def fit(
         model: typically a ``PeftModel``; only parameters with ``requires_grad`` are optimised.
         dataloader: dict batches of model keyword arguments.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default: the model's own loss (``return_loss=True``).
+        lr_by_name: other learning rates for some parameters: ``{"rlp_": 3e-2}`` trains every parameter whose name
+            contains ``"rlp_"`` at 3e-2 (the first matching key wins) and the rest at ``lr``. Each key must match a
+            trainable parameter.
 
     Returns:
         the mean loss of every epoch and the step count.
     """
     if epochs < 1:
         raise ValueError(f"fit: epochs must be >= 1, got {epochs}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("fit: the model has no parameter that requires grad")
     loss_fn = loss_fn or default_loss
-    device = params[0].device
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device = named[0][1].device
+    optimizer = torch.optim.AdamW(param_groups(named, lr, lr_by_name or {}), lr=lr, weight_decay=weight_decay)
     result = FitResult()
     model.train()
     for epoch in range(epochs):

@@ -100,6 +100,10 @@ def test_config_errors():
         ContinualConfig(method="rlp", prompt_dropout=1.0)
     with pytest.raises(ValueError, match="prompt_dropout=0.5 needs RLP's low-rank branch"):
         ContinualConfig(method="coop", prompt_dropout=0.5)
+    with pytest.raises(ValueError, match=r"prompt_lr must be None or > 0 and is only used by method 'lorsu_rlp'"):
+        ContinualConfig(method="lorsu", prompt_lr=1e-2)
+    with pytest.raises(ValueError, match="got prompt_lr=0.0 with method 'lorsu_rlp'"):
+        ContinualConfig(method="lorsu_rlp", prompt_lr=0.0)
 
 
 def test_prompt_dropout_reaches_the_rlp_adapter():
@@ -153,6 +157,10 @@ def test_lorsu_rlp_trains_both_towers_and_folds_the_prompt_each_session():
     # (positions 1..n_ctx after BOS: where RLP's prompt was folded)
     n_ctx = len(run.tokenizer(run.config.init_text, add_special_tokens=False)["input_ids"])
     pos = final.text_model.embeddings.position_embedding.weight
+
+    def base_pos():
+        return base.text_model.embeddings.position_embedding.weight
+
     changed = (pos - base.text_model.embeddings.position_embedding.weight).abs().amax(dim=1) > 0
     assert changed.nonzero().flatten().tolist() == list(range(1, 1 + n_ctx))
     text_rest = {k: v for k, v in final.text_model.state_dict().items() if "position_embedding" not in k}
@@ -165,3 +173,8 @@ def test_lorsu_rlp_trains_both_towers_and_folds_the_prompt_each_session():
     lorsu_only = runner("lorsu", loss="class_ce").run(show_progress=False)
     assert result.trainable_params == [n + n_ctx + d for n in lorsu_only.trainable_params]
     assert result.final_adapter_bytes == 0 and all(b > 0 for b in result.adapter_bytes)
+    # a larger prompt lr moves the folded prompt further; the image side is trained at lr either way
+    faster = runner("lorsu_rlp", prompt_lr=0.1)
+    faster.run(show_progress=False)
+    moved = (faster.final_model.text_model.embeddings.position_embedding.weight - base_pos()).abs().max()
+    assert moved > 3 * (pos - base_pos()).abs().max()

@@ -111,8 +111,10 @@ def test_save_load_is_bit_identical(trained, tmp_path):
     pixels, prompts = batches[0]["pixel_values"], batches[0]["input_ids"]
     for a, b in zip(features(loaded, pixels, prompts), features(peft_model, pixels, prompts)):
         assert torch.equal(a, b)
-    logits = [ZeroShotClassifier.from_class_names(m, tokenizer, CLASSES)(batches[1]["pixel_values"]).logits
-              for m in (loaded, peft_model)]
+    logits = [
+        ZeroShotClassifier.from_class_names(m, tokenizer, CLASSES)(batches[1]["pixel_values"]).logits
+        for m in (loaded, peft_model)
+    ]
     assert torch.equal(*logits)
     assert loaded.get_nb_trainable_parameters()[0] == 0  # loaded for inference
 
@@ -154,6 +156,32 @@ def test_config_errors_name_the_part():
         LoRSURLPConfig(lorsu=LoRSUConfig(), rlp={"peft_type": "LORSU"})
     with pytest.raises(ValueError, match=r"LoRSURLPConfig.rlp.modules_to_save=\['text_projection'\]: not supported"):
         LoRSURLPConfig(lorsu=LoRSUConfig(), rlp=RLPConfig(init_token_ids=ids, modules_to_save=["text_projection"]))
-    restored = LoRSURLPConfig(**json.loads(json.dumps(LoRSURLPConfig(lorsu=LoRSUConfig(r=4),
-                                                                     rlp=RLPConfig(init_token_ids=ids)).to_dict())))
+    restored = LoRSURLPConfig(
+        **json.loads(json.dumps(LoRSURLPConfig(lorsu=LoRSUConfig(r=4), rlp=RLPConfig(init_token_ids=ids)).to_dict()))
+    )
     assert isinstance(restored.lorsu, LoRSUConfig) and restored.lorsu.r == 4 and restored.rlp.init_token_ids == ids
+
+
+def test_fit_trains_each_part_at_its_own_learning_rate():
+    tokenizer = clip_tokenizer()
+    model = clip()
+    batches = class_batches(tokenizer)
+    peft_model = get_peft_model(model, joint_config(model, tokenizer, batches))
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    fit(
+        peft_model,
+        batches[:1],
+        lr=1e-3,
+        lr_by_name={"rlp_": 1e-1},
+        loss_fn=class_prompt_probe_loss,
+        show_progress=False,
+    )
+    # Adam's first step moves every entry with a non-zero gradient by exactly its lr
+    steps = {n: (p.detach() - before[n]).abs().max().item() for n, p in peft_model.named_parameters() if n in before}
+    rlp = max(v for n, v in steps.items() if "rlp_" in n)
+    lorsu = max(v for n, v in steps.items() if "lorsu_" in n)
+    assert rlp == pytest.approx(1e-1, rel=1e-3) and lorsu == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(ValueError, match=r"lr_by_name keys \['prompt_'\] match no trainable parameter name"):
+        fit(peft_model, batches[:1], lr_by_name={"prompt_": 1e-1}, show_progress=False)
+    with pytest.raises(ValueError, match=r"lr_by_name\['rlp_'\] must be a number > 0, got 0"):
+        fit(peft_model, batches[:1], lr_by_name={"rlp_": 0}, show_progress=False)

@@ -67,6 +67,7 @@ class Method:
     lorsu_options: dict[str, Any] | None = None  # LoRSUConfig fields of a LoRSU variant (head_scoring, ...)
     config_fields: dict[str, Any] | None = None  # ContinualConfig fields of this row that differ from the plan's
     head_scorer: HeadScorer | None = None  # a user-supplied head scorer given to probe_lorsu (issue 12)
+    prompt_lr_scale: float | None = None  # lorsu_rlp: the prompt part trains at this multiple of the row's lr
 
     def to_json(self) -> dict[str, Any]:
         """The row as JSON: its fields, the head scorer by its qualified name."""
@@ -136,6 +137,15 @@ METHODS: dict[str, Method] = {
             "adapter",
             "both",
             "LoRSU (image) + rank-1 RLP (text) as one adapter, class-prompt cross-entropy",
+        ),
+        # the prompt's own rate: RLP alone picks 10-30x LoRSU's lr on validation in every continual setting
+        Method(
+            "lorsu_rlp_x10",
+            "lorsu_rlp",
+            "adapter",
+            "both",
+            "LoRSU + RLP as one adapter, the prompt at 10x the lr (ContinualConfig.prompt_lr)",
+            prompt_lr_scale=10.0,
         ),
     )
 }
@@ -505,6 +515,8 @@ class Bench:
             prompt_rank=p.prompt_rank,
             seed=seed,
         )
+        if method.prompt_lr_scale is not None:
+            base["prompt_lr"] = base["lr"] * method.prompt_lr_scale
         return ContinualConfig(**{**base, **(method.config_fields or {}), **fields})
 
     def _run(self, key: dict, method: Method, config: ContinualConfig, train, test, controls) -> tuple[dict, Any]:

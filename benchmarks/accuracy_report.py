@@ -504,9 +504,10 @@ def protocol_section(results: dict) -> list[str]:
 JOINT_PROTOCOL = (
     " `lorsu_ce` and `lorsu_rlp` use the class-prompt cross-entropy too; `lorsu_rlp` (LoRSU + RLP as one adapter) "
     "merges LoRSU into the image encoder and folds the prompt into the text position embeddings after every "
-    "session, and the next session starts a fresh pair on top (one lr for both parts, from the adapter grid)."
+    "session, and the next session starts a fresh pair on top (one lr for both parts, from the adapter grid; "
+    "`lorsu_rlp_x10` trains the prompt at 10x that lr)."
 )
-JOINT_ROWS = ("rlp", "lorsu_ce", "lorsu_rlp")
+JOINT_ROWS = ("rlp", "lorsu_ce", "lorsu_rlp", "lorsu_rlp_x10")
 
 
 def joint_section(results: dict) -> list[str]:

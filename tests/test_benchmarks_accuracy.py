@@ -135,6 +135,7 @@ def test_base_to_new_and_parameter_counts(smoke):
     for setting in res["continual"]:
         params = {m: setting["methods"][m]["summary"]["trainable_params"] for m in ("lorsu_ce", "lorsu_rlp", "rlp")}
         assert params["lorsu_rlp"] == params["lorsu_ce"] + params["rlp"]
+        assert setting["methods"]["lorsu_rlp_x10"]["summary"]["trainable_params"] == params["lorsu_rlp"]
 
 
 def test_investigation_uses_validation_data_only(smoke):

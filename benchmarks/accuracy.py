@@ -138,7 +138,7 @@ METHODS: dict[str, Method] = {
             "both",
             "LoRSU (image) + rank-1 RLP (text) as one adapter, class-prompt cross-entropy",
         ),
-        # the prompt's own rate: RLP alone picks 10-30x LoRSU's lr on validation in every continual setting
+        # the prompt's own rate: RLP alone picks 10-33x the lr LoRSU picks on validation in every continual setting
         Method(
             "lorsu_rlp_x10",
             "lorsu_rlp",

@@ -117,6 +117,11 @@ class ContinualConfig:
                 f"ContinualConfig.prompt_lr must be None or > 0 and is only used by method 'lorsu_rlp' (the others "
                 f"train one part, at lr); got prompt_lr={self.prompt_lr!r} with method {self.method!r}"
             )
+        if self.method == "lorsu_rlp" and not self.merge:
+            raise ValueError(
+                "ContinualConfig.merge=False is not supported by method 'lorsu_rlp': its sessions are merged (LoRSU) "
+                "and folded (the prompt) one by one; use merge=True, or method 'lorsu' for one adapter per session"
+            )
         if self.method == "coop" and self.prompt_dropout > 0.0:
             raise ValueError(
                 f"ContinualConfig.prompt_dropout={self.prompt_dropout} needs RLP's low-rank branch; method 'coop' "

@@ -104,6 +104,8 @@ def test_config_errors():
         ContinualConfig(method="lorsu", prompt_lr=1e-2)
     with pytest.raises(ValueError, match="got prompt_lr=0.0 with method 'lorsu_rlp'"):
         ContinualConfig(method="lorsu_rlp", prompt_lr=0.0)
+    with pytest.raises(ValueError, match="merge=False is not supported by method 'lorsu_rlp'"):
+        ContinualConfig(method="lorsu_rlp", merge=False)
 
 
 def test_prompt_dropout_reaches_the_rlp_adapter():

@@ -73,8 +73,8 @@ class ContinualConfig:
             session (``session_1``, ``session_2``, ...), all active, only the newest trainable, so that
             :meth:`ContinualRunner.rollback` can undo sessions (LoRSU, its ablations and LoRA).
         init_text, prompt_rank: RLP / CoOp context and rank; also the evaluation prompt prefix.
-        prompt_dropout: RLP's dropout on ``P_A @ P_B`` in ``[0, 1)`` (``rlp`` and ``lorsu_rlp``; CoOp has no low-rank
-            branch and refuses a non-zero value).
+        prompt_dropout: RLP's dropout on ``P_A @ P_B`` in ``[0, 1)``; only ``rlp`` and ``lorsu_rlp`` have that
+            low-rank branch, the other methods refuse a non-zero value.
         prompt_lr: ``lorsu_rlp`` only: the learning rate of the prompt part (default: ``lr`` for both parts). A text
             prompt usually wants a larger rate than the image-side adapter.
         seed: data sampling, initialisation and shuffling.
@@ -122,10 +122,10 @@ class ContinualConfig:
                 "ContinualConfig.merge=False is not supported by method 'lorsu_rlp': its sessions are merged (LoRSU) "
                 "and folded (the prompt) one by one; use merge=True, or method 'lorsu' for one adapter per session"
             )
-        if self.method == "coop" and self.prompt_dropout > 0.0:
+        if self.prompt_dropout > 0.0 and self.method not in ("rlp", "lorsu_rlp"):
             raise ValueError(
-                f"ContinualConfig.prompt_dropout={self.prompt_dropout} needs RLP's low-rank branch; method 'coop' "
-                "trains the full-rank context (use 0.0)"
+                f"ContinualConfig.prompt_dropout={self.prompt_dropout} needs RLP's low-rank branch (methods 'rlp' and "
+                f"'lorsu_rlp'); method {self.method!r} has none (use 0.0)"
             )
 
 

@@ -98,8 +98,9 @@ def test_config_errors():
         ContinualConfig(loss="mse")
     with pytest.raises(ValueError, match=r"prompt_dropout must be in \[0, 1\), got 1.0"):
         ContinualConfig(method="rlp", prompt_dropout=1.0)
-    with pytest.raises(ValueError, match="prompt_dropout=0.5 needs RLP's low-rank branch"):
-        ContinualConfig(method="coop", prompt_dropout=0.5)
+    for method in ("coop", "lorsu"):
+        with pytest.raises(ValueError, match=f"prompt_dropout=0.5 needs RLP's low-rank branch .* method '{method}'"):
+            ContinualConfig(method=method, prompt_dropout=0.5)
     with pytest.raises(ValueError, match=r"prompt_lr must be None or > 0 and is only used by method 'lorsu_rlp'"):
         ContinualConfig(method="lorsu", prompt_lr=1e-2)
     with pytest.raises(ValueError, match="got prompt_lr=0.0 with method 'lorsu_rlp'"):

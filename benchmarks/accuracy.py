@@ -654,11 +654,7 @@ class Bench:
             evaluated = {"test": data.test, "val_b2n": data.val}.get(split)
             if evaluated is not None:
                 prompts = build_class_prompts(evaluated.class_names, init_text=init_text)
-                loader = [
-                    {"pixel_values": evaluated.pixel_values[i : i + 256], "labels": evaluated.labels[i : i + 256]}
-                    for i in range(0, len(evaluated.labels), 256)
-                ]
-                b2n = evaluate_base_to_new(runner.final_model, loader, prompts, self.tokenizer)
+                b2n = evaluate_base_to_new(runner.final_model, evaluated.eval_batches(), prompts, self.tokenizer)
                 record.update(base=b2n.base_accuracy, new=b2n.new_accuracy, harmonic=b2n.harmonic_mean)
             return record
 

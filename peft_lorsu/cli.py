@@ -160,12 +160,8 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{'dataset':<32} accuracy")
     for name in args.dataset:
         data = load_classification_set(name, args.split, image_size)
-        loader = [
-            {"pixel_values": data.pixel_values[i : i + 256], "labels": data.labels[i : i + 256]}
-            for i in range(0, len(data.labels), 256)
-        ]
         prompts = build_class_prompts(data.class_names, init_text=args.init_text)
-        print(f"{name:<32} {100 * zero_shot_accuracy(model, loader, prompts, tokenizer):.2f}%")
+        print(f"{name:<32} {100 * zero_shot_accuracy(model, data.eval_batches(), prompts, tokenizer):.2f}%")
     return 0
 
 

@@ -52,6 +52,13 @@ class ClassificationSet(NamedTuple):
     labels: torch.Tensor
     class_names: list[str]
 
+    def eval_batches(self, size: int = 256) -> list[dict[str, torch.Tensor]]:
+        """Consecutive evaluation batches ``{"pixel_values": (<=size, 3, H, W), "labels": (<=size,)}``, in order."""
+        return [
+            {"pixel_values": self.pixel_values[i : i + size], "labels": self.labels[i : i + size]}
+            for i in range(0, len(self.labels), size)
+        ]
+
 
 @dataclass
 class ContinualConfig:
@@ -313,11 +320,7 @@ class ContinualRunner:
         accs = []
         for data in (self.target_test, *self.controls.values()):
             prompts = build_class_prompts(data.class_names, init_text=self.config.init_text)
-            loader = [
-                {"pixel_values": data.pixel_values[i : i + 256], "labels": data.labels[i : i + 256]}
-                for i in range(0, len(data.labels), 256)
-            ]
-            accs.append(zero_shot_accuracy(model, loader, prompts, self.tokenizer))
+            accs.append(zero_shot_accuracy(model, data.eval_batches(), prompts, self.tokenizer))
         return accs
 
     # -------------------------------------------------------------------------------------------- methods

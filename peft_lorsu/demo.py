@@ -53,11 +53,7 @@ def _demo_sets(image_size: int) -> dict[str, ClassificationSet]:
 
 
 def _accuracy(model, data: ClassificationSet, tokenizer) -> float:
-    loader = [
-        {"pixel_values": data.pixel_values[i : i + 256], "labels": data.labels[i : i + 256]}
-        for i in range(0, len(data.labels), 256)
-    ]
-    return zero_shot_accuracy(model, loader, build_class_prompts(data.class_names), tokenizer)
+    return zero_shot_accuracy(model, data.eval_batches(), build_class_prompts(data.class_names), tokenizer)
 
 
 def run_demo(cfg: DemoConfig) -> dict:

@@ -181,3 +181,11 @@ def test_lorsu_rlp_trains_both_towers_and_folds_the_prompt_each_session():
     faster.run(show_progress=False)
     moved = (faster.final_model.text_model.embeddings.position_embedding.weight - base_pos()).abs().max()
     assert moved > 3 * (pos - base_pos()).abs().max()
+
+
+def test_eval_batches_cover_the_set_in_order():
+    data = classification_set(3, 0)  # 12 images
+    batches = data.eval_batches(size=5)
+    assert [len(b["labels"]) for b in batches] == [5, 5, 2]
+    assert torch.equal(torch.cat([b["labels"] for b in batches]), data.labels)
+    assert torch.equal(torch.cat([b["pixel_values"] for b in batches]), data.pixel_values)

@@ -39,12 +39,14 @@ import torch
 from peft import get_peft_model
 from tqdm.auto import tqdm
 
-from peft_lorsu.continual import ClassificationSet, ContinualConfig, ContinualRunner
-from peft_lorsu.datasets import LabeledImages, load_image_dataset, to_pixel_values
+from peft_lorsu.app.continual import ContinualConfig, ContinualRunner
+from peft_lorsu.app.data import LabeledImages, load_image_dataset
+from peft_lorsu.app.inputs import to_pixel_values
+from peft_lorsu.app.models import load_clip
+from peft_lorsu.app.sessions import ClassificationSet
 from peft_lorsu.lorsu import LoRSUConfig, probe_lorsu
 from peft_lorsu.lorsu.scoring import HeadScorer, HeadStatistics
 from peft_lorsu.objectives import base_to_new_split, build_class_prompts, evaluate_base_to_new
-from peft_lorsu.resources import load_clip
 
 from . import accuracy_report
 from .accuracy_report import mean_std

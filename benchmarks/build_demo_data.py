@@ -28,13 +28,13 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from peft_lorsu import datasets as D  # noqa: E402
+from peft_lorsu.app import data as D  # noqa: E402
 
 logger = logging.getLogger("build_demo_data")
 
 PROVENANCE = {
     "digits": "scikit-learn load_digits (UCI optical recognition of handwritten digits, CC BY 4.0; scikit-learn "
-    "BSD-3-Clause), 8x8 upsampled to 20x20 and centred in 28x28 by peft_lorsu.datasets.load_digits",
+    "BSD-3-Clause), 8x8 upsampled to 20x20 and centred in 28x28 by peft_lorsu.app.data.load_digits",
     "fashion_mnist": "Fashion-MNIST test set (Zalando Research, MIT), Debian package dataset-fashion-mnist",
 }
 

@@ -66,12 +66,10 @@ class Plan:
 
 
 def _runtime_caches(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Tensors LoRSU's fc1 layers keep between steps: the cached rows, columns and block positions of the pattern."""
+    """Tensors LoRSU's fc1 layers keep between steps: the rows, columns and block positions of their patterns."""
     tensors = []
     for module in model.modules():
-        cache = getattr(module, "_pattern_cache", None) if isinstance(module, SparseLinear) else None
-        if cache is not None:
-            pattern = cache[1]
+        for pattern in module.patterns.values() if isinstance(module, SparseLinear) else ():
             tensors += [pattern.rows, pattern.cols, *pattern.local, *(o for o in pattern.order if o is not None)]
     return tensors
 

@@ -4,9 +4,10 @@ No pretrained CLIP weights can be downloaded here (see ``shared/reference/offlin
 a ``transformers.CLIPModel`` of about 8M parameters with CLIP's own contrastive loss
 (``model(..., return_loss=True)``) on image-caption pairs built from real labelled images:
 
-- images: Fashion-MNIST train (60,000) + Animal-MNIST train split (8,000, see ``peft_lorsu.datasets``);
+- images: Fashion-MNIST train (60,000) + Animal-MNIST train split (8,000, see ``peft_lorsu.app.data``);
 - captions: one of five templates per image (``"a black and white photo of a sneaker."``), drawn with a seed;
-- tokenizer: the real OpenAI CLIP BPE (``peft_lorsu/assets/clip-tokenizer``) with a 32-token context.
+- tokenizer: the real OpenAI CLIP BPE (``peft_lorsu/assets/clip-tokenizer``) with a 32-token context (not copied
+  into the output folder: ``load_clip`` supplies it).
 
 Held out for zero-shot evaluation: Fashion-MNIST test, Animal-MNIST test, handwritten digits (class names never
 seen in pretraining: the target LoRSU is meant to fix) and domain-shifted Fashion-MNIST test.
@@ -39,7 +40,9 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from peft_lorsu import datasets as D  # noqa: E402
+from peft_lorsu.app import data as D  # noqa: E402
+from peft_lorsu.app import inputs  # noqa: E402
+from peft_lorsu.trainer import ImageTextCollator  # noqa: E402
 
 logger = logging.getLogger("pretrain")
 TOKENIZER_DIR = REPO / "peft_lorsu" / "assets" / "clip-tokenizer"
@@ -109,7 +112,7 @@ def training_data(args: argparse.Namespace) -> D.LabeledImages:
 def zero_shot_accuracy(model, tokenizer, data: D.LabeledImages, batch_size: int = 512) -> float:
     """Top-1 accuracy of the prompt-ensemble zero-shot classifier (mean of normalised template embeddings)."""
     model.eval()
-    prompts = D.class_prompts(data.class_names)
+    prompts = inputs.class_prompts(data.class_names)
     n_cls, n_tpl = len(prompts), len(prompts[0])
     enc = tokenizer([p for row in prompts for p in row], padding=True, return_tensors="pt")
     text = model.get_text_features(**enc).pooler_output
@@ -117,7 +120,7 @@ def zero_shot_accuracy(model, tokenizer, data: D.LabeledImages, batch_size: int 
     text = torch.nn.functional.normalize(text, dim=-1)
     correct = 0
     for start in range(0, len(data.labels), batch_size):
-        pixels = D.to_pixel_values(data.images[start : start + batch_size])
+        pixels = inputs.to_pixel_values(data.images[start : start + batch_size])
         image = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         correct += (image @ text.T).argmax(dim=-1).eq(data.labels[start : start + batch_size]).sum().item()
     model.train()
@@ -175,7 +178,8 @@ def train(model, loader: DataLoader, args: argparse.Namespace, on_eval) -> list[
 
 
 def save(model, tokenizer, args: argparse.Namespace) -> int:
-    """Write float16 safetensors (config dtype float32, so loading upcasts), tokenizer, image processor."""
+    """Write float16 safetensors (config dtype float32, so loading upcasts) and the image processor. The tokenizer is
+    not copied: ``peft_lorsu.app.models.load_clip`` gives a folder without one the packaged CLIP BPE tokenizer."""
     from transformers import CLIPImageProcessor
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -228,8 +232,8 @@ model = CLIPModel.from_pretrained("peft_lorsu/assets/mini-clip")   # weights sto
 - command: `{facts["command"]}`
 - data: Fashion-MNIST train ({facts["data"]["fashion_mnist_train"]} images, Debian `dataset-fashion-mnist`) +
   Animal-MNIST train split ({facts["data"]["animal_mnist_train"]} images, `animal-mnist==0.4`, stratified 80/20
-  split with seed 0 in `peft_lorsu.datasets`); 20 classes; one caption per image, its template drawn with the
-  run's seed from {", ".join(f"`{t}`" for t in D.CAPTION_TEMPLATES)}.
+  split with seed 0 in `peft_lorsu.app.data`); 20 classes; one caption per image, its template drawn with the
+  run's seed from {", ".join(f"`{t}`" for t in inputs.CAPTION_TEMPLATES)}.
 - tokenizer: OpenAI CLIP BPE (49,408 tokens, `assets/clip-tokenizer`), `model_max_length` {args.context}.
 - architecture: both towers width {args.hidden}, {args.layers} layers, {args.heads} heads, MLP {args.intermediate};
   vision patch {args.patch} on 28x28x3 (grey replicated), {args.context} text positions,
@@ -285,9 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("CLIPModel with %.2fM parameters", n_params / 1e6)
-    collate = D.ClipCollator(tokenizer, train_set.class_names, seed=args.seed, return_loss=True, with_labels=False)
+    collate = ImageTextCollator(tokenizer)  # captions drawn once per image (seeded), see CaptionedImages
     loader = DataLoader(
-        D.ImageLabelDataset(train_set),
+        inputs.CaptionedImages(train_set, seed=args.seed),
         batch_size=args.batch_size,
         shuffle=True,
         drop_last=True,

@@ -74,7 +74,7 @@ def read_jsonl(path: str) -> list[dict]:
 def load(args: argparse.Namespace):
     """(model, processor, train examples, eval examples)."""
     if args.dry_run:
-        from peft_lorsu.lorsu.tiny_llava import color_vqa, tiny_llava, tiny_llava_processor
+        from peft_lorsu.app.tiny_llava import color_vqa, tiny_llava, tiny_llava_processor
 
         processor = tiny_llava_processor()
         return tiny_llava(processor, seed=args.seed), processor, color_vqa(32, seed=args.seed), color_vqa(16, seed=99)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def check_round_trip(peft_model: PeftModel, base_state: dict, loader: DataLoader, args: argparse.Namespace) -> dict:
     """Reload the saved adapter on a fresh copy of the base model, and merge: both must match the trained model."""
-    from peft_lorsu.lorsu.tiny_llava import tiny_llava, tiny_llava_processor
+    from peft_lorsu.app.tiny_llava import tiny_llava, tiny_llava_processor
 
     batch = next(iter(loader))
     with torch.no_grad():

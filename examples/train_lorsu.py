@@ -23,13 +23,8 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from peft_lorsu import LoRSUConfig, class_cross_entropy, record_card_info
-from peft_lorsu.trainer import (
-    ClassPromptCollator,
-    ImageDataArguments,
-    ImageTextCollator,
-    get_lorsu_model,
-    load_script_inputs,
-)
+from peft_lorsu.app.scripts import ImageDataArguments, load_script_inputs
+from peft_lorsu.trainer import ClassPromptCollator, ImageTextCollator, get_lorsu_model
 
 logger = logging.getLogger(__name__)
 

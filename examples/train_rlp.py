@@ -23,7 +23,8 @@ from peft import get_peft_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from peft_lorsu import RLPConfig, build_class_prompts, class_cross_entropy, record_card_info, zero_shot_accuracy
-from peft_lorsu.trainer import ClassPromptCollator, ImageDataArguments, load_script_inputs
+from peft_lorsu.app.scripts import ImageDataArguments, load_script_inputs
+from peft_lorsu.trainer import ClassPromptCollator
 
 logger = logging.getLogger(__name__)
 

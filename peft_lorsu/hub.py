@@ -1,42 +1,75 @@
-"""Model cards for LoRSU / RLP adapters.
+"""Model cards and Hub uploads of the plugin's adapters, through public peft / huggingface_hub calls only.
 
-``PeftModel.save_pretrained`` (and so ``push_to_hub``, which saves before uploading) writes a ``README.md`` model card.
-After ``import peft_lorsu`` the card of a LoRSU or RLP adapter also gets a section stating the method, the base
-model, the selection (heads per layer, sparsity), the trainable parameters and, when the user recorded them with
-:func:`record_card_info`, the training data and evaluation figures. The section sits between two HTML comments, so
-saving again replaces it instead of appending a copy.
+``PeftModel.save_pretrained`` writes ``README.md`` first and the adapter config last; the plugin's configs write their
+section into that card when they are saved (:meth:`peft_lorsu.config.PluginConfig.save_pretrained`), so every save
+carries it, and saving again replaces it. The section opens with the one line a reader needs first: load it after
+``import peft_lorsu``. ``PeftModel.push_to_hub`` replaces the saved card with the repository's before uploading
+(transformers' behaviour); :func:`push_adapter_to_hub` uploads the folder exactly as saved.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 import os
+import tempfile
 from typing import Any
 
+from huggingface_hub import HfApi
+from safetensors import safe_open
+
 START, END = "<!-- peft-lorsu:start -->", "<!-- peft-lorsu:end -->"
-_INFO_ATTR = "_peft_lorsu_card_info"
+CARD = "README.md"
+TITLES = {
+    "LORSU": "LoRSU (Low-Rank Structured Updates)",
+    "RLP": "RLP (Re-parameterized Low-rank Prompt)",
+    "LORSU_RLP": "LoRSU + RLP (image encoder and text prompt in one adapter)",
+}
+# Saved adapter tensors that are not trained: RLP's frozen initial context (the index buffers are integer tensors).
+FROZEN_TENSORS = ("rlp_P_fr",)
 
 
 def record_card_info(
-    peft_model: Any, dataset: str | None = None, results: dict[str, float] | None = None, **extra: Any
+    peft_model: Any,
+    dataset: str | None = None,
+    results: dict[str, float] | None = None,
+    adapter_name: str | None = None,
+    **extra: Any,
 ) -> None:
-    """Remember what the adapter was trained on and how it scored, for the next model card.
+    """Record what an adapter was trained on and how it scored; the next save writes it into the model card.
+
+    The record lives in the adapter's config (field ``card_info``), so it is saved in ``adapter_config.json`` too.
 
     Args:
         dataset: a description of the training data (e.g. ``"digits, 5 sessions x 5 shots"``).
         results: metric name -> value (e.g. ``{"target accuracy": 0.91}``).
+        adapter_name: the adapter to describe; default: the active one.
         extra: any other ``name: value`` lines.
     """
-    info = getattr(peft_model, _INFO_ATTR, {})
+    name = adapter_name or peft_model.active_adapter
+    config = peft_model.peft_config[name]
+    if not hasattr(config, "card_info"):
+        raise ValueError(f"adapter {name!r} is a {type(config).__name__}, not a peft-lorsu adapter")
+    info = dict(config.card_info or {})
     if dataset is not None:
         info["dataset"] = dataset
     if results:
-        info.setdefault("results", {}).update(results)
+        info["results"] = {**info.get("results", {}), **results}
     info.update(extra)
-    setattr(peft_model, _INFO_ATTR, info)
+    config.card_info = info
 
 
-def _lorsu_lines(config: Any) -> list[str]:
+def trainable_count(weights_path: str) -> int:
+    """Trained entries of a saved adapter: its floating-point tensors other than RLP's frozen initial context."""
+    total = 0
+    with safe_open(weights_path, framework="pt") as f:
+        for key in f.keys():
+            part = f.get_slice(key)
+            if part.get_dtype().startswith(("F", "BF")) and not any(t in key for t in FROZEN_TENSORS):
+                total += math.prod(part.get_shape())
+    return total
+
+
+def lorsu_lines(config: Any) -> list[str]:
     lines = [
         f"- rank `r` = {config.r}, `lora_alpha` = {config.lora_alpha}, `top_k_heads` = {config.top_k_heads}, "
         f"`sparsity` = {config.sparsity}",
@@ -49,7 +82,7 @@ def _lorsu_lines(config: Any) -> list[str]:
     return lines
 
 
-def _rlp_lines(config: Any) -> list[str]:
+def rlp_lines(config: Any) -> list[str]:
     return [
         f"- mode: {config.mode}; context length `n_ctx` = {config.n_ctx}; rank = {config.rank}; "
         f"dropout = {config.dropout}",
@@ -57,22 +90,32 @@ def _rlp_lines(config: Any) -> list[str]:
     ]
 
 
-def card_section(peft_model: Any) -> str:
-    """The Markdown section describing every LoRSU / RLP adapter of ``peft_model``."""
-    out = [START, "## peft-lorsu adapter", ""]
-    base = getattr(peft_model.get_base_model(), "name_or_path", "") or "(not recorded)"
-    out.append(f"Base model: `{base}`. Load with `import peft_lorsu` then `PeftModel.from_pretrained(base, path)`.")
-    for name, config in peft_model.peft_config.items():
-        method = getattr(config.peft_type, "value", config.peft_type)
-        if method not in ("LORSU", "RLP"):
-            continue
-        n_params = _trainable(peft_model, name)
-        title = (
-            "LoRSU (Low-Rank Structured Updates)" if method == "LORSU" else "RLP (Re-parameterized Low-rank Prompt)"
-        )
-        out += ["", f"### Adapter `{name}`: {title}", "", f"- trainable parameters: {n_params:,}"]
-        out += _lorsu_lines(config) if method == "LORSU" else _rlp_lines(config)
-    info = getattr(peft_model, _INFO_ATTR, {})
+def card_section(config: Any, trainable: int | None) -> str:
+    """The Markdown section describing one adapter of the plugin, from its config and its trainable count."""
+    method = getattr(config.peft_type, "value", config.peft_type)
+    base = config.base_model_name_or_path or "(not recorded)"
+    out = [
+        START,
+        "## peft-lorsu adapter",
+        "",
+        f"**Load it after `import peft_lorsu`** (`pip install peft-lorsu`), which registers the {method} method "
+        "with peft; without that import peft stops with `KeyError`:",
+        "",
+        "```python",
+        "import peft_lorsu",
+        "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, adapter_path)",
+        "```",
+        "",
+        f"Method: {TITLES.get(method, method)}. Base model: `{base}`.",
+    ]
+    if trainable is not None:
+        out.append(f"- trainable parameters: {trainable:,}")
+    if method == "LORSU_RLP":
+        out += lorsu_lines(config.lorsu) + rlp_lines(config.rlp)
+    else:
+        out += lorsu_lines(config) if method == "LORSU" else rlp_lines(config)
+    info = getattr(config, "card_info", None) or {}
     if info:
         out += ["", "### Training data and results", ""]
         if "dataset" in info:
@@ -84,60 +127,47 @@ def card_section(peft_model: Any) -> str:
     return "\n".join(out)
 
 
-def _trainable(peft_model: Any, adapter: str) -> int:
-    """Parameters of ``adapter`` (trainable when active), counted once even when shared."""
-    seen, total = set(), 0
-    for name, param in peft_model.named_parameters():
-        if f".{adapter}" in name and id(param) not in seen and ("lorsu_" in name or "rlp_" in name):
-            seen.add(id(param))
-            total += param.numel()
-    return total
-
-
-def write_card_section(peft_model: Any, output_dir: str) -> None:
-    """Insert or replace the peft-lorsu section of ``output_dir/README.md``."""
-    path = os.path.join(output_dir, "README.md")
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    section = card_section(peft_model)
+def write_card_section(folder: str, section: str) -> None:
+    """Insert ``section`` into ``folder/README.md`` right after its metadata block, or replace the previous one."""
+    path = os.path.join(folder, CARD)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     if START in text and END in text:
         head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail
+        text = head + section + rest.partition(END)[2]
     else:
-        text = text.rstrip() + "\n\n" + section + "\n"
+        front = ""
+        if text.startswith("---\n") and "\n---\n" in text[4:]:
+            end = text.index("\n---\n", 4) + len("\n---\n")
+            front, text = text[:end], text[end:]
+        text = f"{front}\n{section}\n\n{text.lstrip()}"
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 
-def _has_plugin_adapter(peft_model: Any) -> bool:
-    return any(getattr(c.peft_type, "value", c.peft_type) in ("LORSU", "RLP") for c in peft_model.peft_config.values())
+def push_adapter_to_hub(
+    peft_model: Any,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload peft-lorsu adapter",
+    api: Any = None,
+) -> str:
+    """Save ``peft_model``'s adapters (card section included) and upload the folder as saved to ``repo_id``.
 
+    Unlike ``peft_model.push_to_hub``, which replaces the saved card with the repository's, the uploaded card keeps
+    the peft-lorsu section. Only safetensors weights are uploaded.
 
-def install_model_card_hook() -> None:
-    """Add the peft-lorsu section to the cards PEFT writes (idempotent).
+    Args:
+        api: a ``huggingface_hub.HfApi`` (default: a new one with ``token``).
 
-    Two places write a card: ``PeftModel.create_or_update_model_card`` (called by ``save_pretrained``) and
-    ``push_to_hub``, which saves, then replaces ``README.md`` with the card of the Hub repository before uploading
-    the folder through ``_upload_modified_files``. Both are wrapped; adapters of other methods are left alone.
+    Returns:
+        The URL of the commit.
     """
-    from peft import PeftModel
-
-    def wrap(name: str, folder_arg: int):
-        original = getattr(PeftModel, name)
-        if getattr(original, "_peft_lorsu", False):
-            return
-
-        @functools.wraps(original)
-        def wrapper(self, *args, **kwargs):
-            if name == "_upload_modified_files" and _has_plugin_adapter(self):
-                write_card_section(self, args[folder_arg] if len(args) > folder_arg else kwargs["working_dir"])
-            result = original(self, *args, **kwargs)
-            if name == "create_or_update_model_card" and _has_plugin_adapter(self):
-                write_card_section(self, args[folder_arg] if len(args) > folder_arg else kwargs["output_dir"])
-            return result
-
-        wrapper._peft_lorsu = True
-        setattr(PeftModel, name, wrapper)
-
-    wrap("create_or_update_model_card", 0)
-    wrap("_upload_modified_files", 0)
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        peft_model.save_pretrained(folder, safe_serialization=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    return str(getattr(commit, "commit_url", commit))

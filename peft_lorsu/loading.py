@@ -1,112 +1,49 @@
-"""Guarded loading of the plugin's adapters: refuse what does not fit *before* the base model is touched.
+"""Loading the plugin's adapters: refuse what does not fit *before* the base model is touched.
 
-``PeftModel.from_pretrained`` first wraps the base model's modules (injection) and only then reads the weights, so an
-adapter that belongs to another base model, or whose files were edited or half-written, used to fail halfway and
-leave a half-wrapped model behind. The plugin closes that gap in three steps, all run before any module is replaced:
+``PeftModel.from_pretrained`` wraps the base model's modules first and reads the weights afterwards, so an adapter
+for another base model, or one whose files were edited or half-written, would fail halfway and leave a half-wrapped
+model. One mechanism closes that gap: the tuners' ``_prepare_model`` calls :func:`check_before_injection` before any
+module is replaced. For a config just read from a local folder (:class:`peft_lorsu.config.PluginConfig` remembers
+the folder) it checks the folder (no ``adapter_model.bin``, a readable safetensors file whose SHA-256 the config
+records, finite values) and rehearses the load on a shadow copy of the model whose weights take no memory: peft
+wraps the shadow with the same config, and the saved tensors must have exactly the keys, shapes and kinds the shadow
+expects and pass the layers' own load checks (:func:`rehearse_load`).
 
-1. The plugin's configs remember the local folder they were read from (:class:`AdapterFileGuard`) and, when saved
-   next to their weights, the SHA-256 of ``adapter_model.safetensors`` (field ``weights_sha256``).
-2. The tuners' ``_prepare_model`` (``LoRSUModel``, ``RLPModel``, the joint ``LoRSURLPModel``) calls
-   :func:`before_injection`, which re-validates the config and, for a config just read from a folder, checks the
-   folder: no ``adapter_model.bin`` (PEFT would unpickle it), a readable safetensors file whose hash matches the
-   config, finite values.
-3. It then *rehearses* the load on a shadow copy of the model whose weights are zero-stride views (no memory): PEFT
-   wraps the shadow with the same config, and the saved tensors must have exactly the keys, shapes and kinds the
-   shadow expects and pass the layers' own load checks. Only then does the real injection start.
-
-:func:`safe_load_adapter` is the strict entry point: it also refuses any pickle file in the folder, fetches only the
-two safetensors-era files from the Hub, and undoes the injection if anything still fails afterwards.
+:func:`safe_load_adapter` is the strict entry point: it also refuses any pickle file in the folder, reads the config
+with a clear error for every way it can be broken, and fetches exactly the two safetensors-era files from the Hub.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
-import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download
 from peft import PeftConfig, PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from .config import file_sha256
 
 logger = logging.getLogger(__name__)
 
 PLUGIN_TYPES = ("LORSU", "RLP", "LORSU_RLP")
 # File endings of Python pickles (and of the formats built on them: torch.save, joblib, Lightning checkpoints).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
-_SOURCE_ATTR = "_peft_lorsu_source"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _KEY_PREFIX = "base_model.model."
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_sha256_field(name: str, value: Any) -> None:
-    """Validate a ``weights_sha256`` config field: ``None`` or 64 lower-case hex digits."""
-    if value is not None and not (isinstance(value, str) and _SHA256.fullmatch(value)):
-        raise ValueError(f"{name} must be None or 64 lower-case hex digits (a SHA-256), got {value!r}")
-
-
-class AdapterFileGuard:
-    """Mixin of the plugin's configs (LoRSU, RLP, joint) that ties a config to the weights file saved next to it.
-
-    - ``from_pretrained`` remembers the local folder the config was read from (and the config as read), so the next
-      injection with this config, the one ``PeftModel.from_pretrained`` / ``load_adapter`` performs, can check the
-      folder's weights first (:func:`before_injection`). The mark is used once, and ignored if the config was edited.
-    - ``save_pretrained`` records the SHA-256 of the ``adapter_model.safetensors`` already written in the same folder
-      (PEFT writes the weights, then the config). A folder whose weights come from another save, e.g. one interrupted
-      between the two files, or whose weights were edited, no longer matches and is refused on load.
-    """
-
-    weights_sha256: str | None
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs):
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        folder = os.fspath(pretrained_model_name_or_path)
-        if subfolder:
-            folder = os.path.join(folder, subfolder)
-        if isinstance(config, AdapterFileGuard) and os.path.isdir(folder):
-            vars(config)[_SOURCE_ATTR] = (os.path.abspath(folder), _as_read(config))
-        return config
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        weights = os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME)
-        self.weights_sha256 = file_sha256(weights) if os.path.isfile(weights) else None
-        super().save_pretrained(save_directory, **kwargs)
-
-
-def _as_read(config: PeftConfig) -> dict:
-    """The config's fields except ``inference_mode`` (which ``from_pretrained`` sets after reading)."""
-    fields = config.to_dict()
-    fields.pop("inference_mode", None)
-    return fields
-
-
-# ------------------------------------------------------------------------------------------------ folder checks
 
 
 def refuse_pickles(folder: str, strict: bool) -> None:
     """Raise if ``folder`` holds ``adapter_model.bin`` (any pickle file at all when ``strict``).
 
-    PEFT reads ``adapter_model.bin`` with ``torch.load`` when no safetensors file is present; the plugin never does.
+    peft reads ``adapter_model.bin`` with ``torch.load`` when no safetensors file is present; the plugin never does.
     """
     names = sorted(os.listdir(folder))
     found = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)] if strict else []
@@ -120,67 +57,52 @@ def refuse_pickles(folder: str, strict: bool) -> None:
         )
 
 
-def check_weights_file(folder: str, expected_sha256: str | None) -> str:
-    """Path of ``folder``'s safetensors file after checking that it exists, parses, and matches its config's hash."""
+def read_adapter_tensors(folder: str, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``folder``'s safetensors file, on the CPU, after checking the file against its config.
+
+    Raises:
+        ValueError: no such file, not a safetensors file, a SHA-256 other than ``expected_sha256`` (the config and the
+            weights come from different saves), or a floating-point tensor holding NaN / inf.
+    """
     path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"{folder} has no {SAFETENSORS_WEIGHTS_NAME}; peft-lorsu loads adapter weights only from it")
     try:
         with safe_open(path, framework="pt") as f:
-            list(f.keys())
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path} is not a valid safetensors file (truncated or edited?): {exc}") from exc
-    if expected_sha256 is not None:
-        found = file_sha256(path)
-        if found != expected_sha256:
-            raise ValueError(
-                f"{path} is not the file that was saved with {CONFIG_NAME} (SHA-256 {found[:12]}..., the config "
-                f"records {expected_sha256[:12]}...): the weights come from another save (an interrupted "
-                "save_pretrained?) or were edited. If you replaced them on purpose, set weights_sha256 to null in "
-                f"{CONFIG_NAME}"
-            )
-    return path
-
-
-def read_adapter_tensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file on the CPU; raise if a floating-point tensor holds NaN or inf."""
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path} could not be read (truncated or edited?): {exc}") from exc
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+        raise ValueError(
+            f"{path} is not the file that was saved with {CONFIG_NAME} (its SHA-256 differs from the one the config "
+            "records): the weights come from another save (an interrupted or concurrent save_pretrained?) or were "
+            "edited. Save the adapter again; if you replaced the weights on purpose, set weights_sha256 to null in "
+            f"{CONFIG_NAME}"
+        )
     broken = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
     if broken:
         raise ValueError(f"{path}: tensor(s) {_short(broken)} hold NaN or inf; the saved adapter is broken")
     return tensors
 
 
-# --------------------------------------------------------------------------------------------------- rehearsal
-
-
-def before_injection(tuner: nn.Module, config: PeftConfig, model: nn.Module) -> None:
-    """Checks the plugin's tuners run in ``_prepare_model``, before any module of ``model`` is replaced.
+def check_before_injection(tuner: nn.Module, config: PeftConfig, model: nn.Module) -> None:
+    """What the plugin's tuners run in ``_prepare_model``, before any module of ``model`` is replaced.
 
     Re-validates ``config`` (its fields may have been edited since construction) and, when ``config`` was just read
-    from a local folder by ``from_pretrained`` and not edited since, checks that folder's weights against ``model``
-    by rehearsing the load on a shadow copy (:func:`rehearse_load`).
+    from a local folder by ``from_pretrained`` and not edited since, checks that folder's weights against ``model``.
     """
-    validate = getattr(config, "validate", None)
-    if callable(validate):
-        validate()
-    source = vars(config).pop(_SOURCE_ATTR, None)
+    config.validate()
+    source = vars(config).pop("loaded_from", None)  # used once: the rehearsal's own injection must not recurse
     if source is None:
         return
     folder, as_read = source
-    if _as_read(config) != as_read:
+    if config.fields_as_read() != as_read:
         logger.debug("config read from %s was edited before injection; its folder is not checked", folder)
         return
     refuse_pickles(folder, strict=False)
-    path = check_weights_file(folder, getattr(config, "weights_sha256", None))
+    tensors = read_adapter_tensors(folder, config.weights_sha256)
     names = [name for name, c in getattr(tuner, "peft_config", {}).items() if c is config]
-    rehearse_load(model, config, read_adapter_tensors(path), where=folder, adapter_name=names[0] if names else None)
+    rehearse_load(model, config, tensors, where=folder, adapter_name=names[0] if names else None)
 
 
 def shadow_copy(model: nn.Module) -> nn.Module:
@@ -191,46 +113,32 @@ def shadow_copy(model: nn.Module) -> nn.Module:
     """
     memo: dict[int, Any] = {}
     for tensor in (*model.parameters(), *model.buffers()):
-        if id(tensor) in memo:
-            continue
-        empty = torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
-        if isinstance(tensor, nn.Parameter):
-            empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
-        memo[id(tensor)] = empty
+        if id(tensor) not in memo:
+            empty = torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
+            if isinstance(tensor, nn.Parameter):
+                empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+            memo[id(tensor)] = empty
     return copy.deepcopy(model, memo)
 
 
 def rehearse_load(
-    model: nn.Module,
-    config: PeftConfig,
-    tensors: dict[str, torch.Tensor],
-    where: str,
-    adapter_name: str | None = None,
+    model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], where: str, adapter_name: str | None = None
 ) -> None:
-    """Raise ``ValueError`` unless ``tensors`` (a saved adapter) would load into ``model`` wrapped with ``config``.
-
-    The shadow of ``model`` is wrapped by PEFT exactly as the real load will wrap ``model``; ``tensors`` must then
-    hold exactly the keys of the shadow's adapter state dict, with the same shapes, floating-point tensors where
-    it has floating-point ones, and pass ``set_peft_model_state_dict`` (which runs the layers' own load checks).
-    """
-    trial = copy.deepcopy(config)
-    name = adapter_name if adapter_name and adapter_name not in _adapter_names(model) else _unused_name(model)
+    """Raise ``ValueError`` unless ``tensors`` (a saved adapter) would load into ``model`` wrapped with ``config``."""
+    taken = set(getattr(model, "peft_config", None) or {})
+    name = adapter_name if adapter_name and adapter_name not in taken else _unused_name(taken)
+    refusal = f"the adapter in {where} does not fit this {type(model).__name__}; nothing was changed"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            shadow = PeftModel(shadow_copy(model), trial, adapter_name=name)
+            shadow = PeftModel(shadow_copy(model), copy.deepcopy(config), adapter_name=name)
             expected = get_peft_model_state_dict(shadow, adapter_name=name)
     except ValueError as exc:  # the saved config does not fit the model (the real injection would raise the same)
-        raise ValueError(
-            f"the adapter in {where} does not fit this {type(model).__name__}; nothing was changed: {exc}"
-        ) from exc
-    except Exception as exc:  # an exotic model that cannot be shadowed: fall back to the layers' load checks
-        logger.warning("peft-lorsu could not rehearse loading %s (%s: %s); loading unchecked", where, type(exc), exc)
-        return
+        raise ValueError(f"{refusal}: {exc}") from exc
     problems = compare_state(expected, tensors, model)
     if problems:
         raise ValueError(
-            f"the adapter in {where} does not fit this {type(model).__name__}; nothing was changed:\n  - "
+            f"{refusal}:\n  - "
             + "\n  - ".join(_short(problems, 8, sep=None))
             + "\nIt was saved for a different base model (other width, head count, number of layers or text width), "
             "with another configuration, or its files were edited."
@@ -238,7 +146,7 @@ def rehearse_load(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            set_peft_model_state_dict(shadow, tensors, adapter_name=name, low_cpu_mem_usage=True)
+            set_peft_model_state_dict(shadow, tensors, adapter_name=name)
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"the adapter in {where} was refused before loading; nothing was changed: {exc}") from exc
 
@@ -298,19 +206,6 @@ def _by_module(keys: set[str], shapes: dict[str, torch.Tensor] | None = None) ->
     return {module: ", ".join(names) for module, names in grouped.items()}
 
 
-def _adapter_names(model: nn.Module) -> set[str]:
-    return set(getattr(model, "peft_config", None) or {})
-
-
-def _unused_name(model: nn.Module) -> str:
-    taken = _adapter_names(model)
-    name, n = "peft_lorsu_check", 0
-    while name in taken:
-        n += 1
-        name = f"peft_lorsu_check{n}"
-    return name
-
-
 def _strip(key: str) -> str:
     return key[len(_KEY_PREFIX) :] if key.startswith(_KEY_PREFIX) else key
 
@@ -333,7 +228,12 @@ def _short(items: list[str], limit: int = 3, sep: str | None = ", ") -> Any:
     return shown if sep is None else sep.join(shown)
 
 
-# ------------------------------------------------------------------------------------------- safe_load_adapter
+def _unused_name(taken: set[str]) -> str:
+    name, n = "peft_lorsu_check", 0
+    while name in taken:
+        n += 1
+        name = f"peft_lorsu_check{n}"
+    return name
 
 
 def safe_load_adapter(
@@ -345,17 +245,13 @@ def safe_load_adapter(
     revision: str | None = None,
     **kwargs: Any,
 ) -> PeftModel:
-    """Load a LoRSU, RLP or joint adapter without ever unpickling, and leave ``model`` untouched if anything fails.
+    """Load a LoRSU, RLP or joint adapter without ever unpickling; ``model`` is untouched if it is refused.
 
     Compared with ``PeftModel.from_pretrained`` (which, after ``import peft_lorsu``, already rehearses the load of a
-    local folder before wrapping the model), this also:
-
-    - refuses a folder holding any pickle file (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``, ...), not only
-      ``adapter_model.bin``;
-    - for a Hub id, downloads exactly ``adapter_config.json`` and ``adapter_model.safetensors`` (never a pickle
-      fallback) and runs the same checks on them;
-    - refuses adapter types other than LoRSU, RLP and the joint LoRSU+RLP;
-    - undoes the wrapping (restores the original modules and ``requires_grad`` flags) if loading fails after it.
+    local folder before wrapping the model), this also refuses a folder holding any pickle file, reads
+    ``adapter_config.json`` with a clear error for each way it can be broken (not JSON, not an object, no or an
+    unknown ``peft_type``), refuses other adapter types, and for a Hub id downloads exactly ``adapter_config.json``
+    and ``adapter_model.safetensors``.
 
     Args:
         model: a plain base model (``PeftModel.from_pretrained`` is used) or a ``PeftModel`` to add the adapter to
@@ -368,36 +264,42 @@ def safe_load_adapter(
         kwargs: passed on to ``PeftModel.from_pretrained`` / ``load_adapter`` (e.g. ``low_cpu_mem_usage``) and, for
             ``cache_dir`` / ``token``, to the Hub download.
 
-    Returns:
-        The ``PeftModel``.
-
     Raises:
-        ValueError: pickle files, no or an invalid safetensors file, weights that do not belong to the config, an
-            adapter that does not fit ``model``, another adapter type, or an adapter name already in use.
+        ValueError: naming the file and what is wrong with it.
     """
     folder = _local_folder(model_id, subfolder, revision, kwargs)
     refuse_pickles(folder, strict=True)
-    check_weights_file(folder, None)  # hash and shapes are checked again, with the config, before injection
-    peft_type = _peft_type(folder)
+    peft_type = read_peft_type(folder)
     if peft_type not in PLUGIN_TYPES:
         raise ValueError(
             f"safe_load_adapter loads LoRSU, RLP and joint LoRSU+RLP adapters; {folder} holds a {peft_type} adapter "
             "(use PeftModel.from_pretrained for other methods)"
         )
-    if isinstance(model, PeftModel):
-        if adapter_name in model.peft_config:
-            raise ValueError(
-                f"adapter_name={adapter_name!r} is already loaded; delete_adapter it first or pick another name"
-            )
-        try:
-            model.load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
-        except BaseException:
-            if adapter_name in model.peft_config:
-                model.delete_adapter(adapter_name)
-            raise
-        return model
-    with _undo_injection_on_error(model):
+    if not isinstance(model, PeftModel):
         return PeftModel.from_pretrained(model, folder, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+    if adapter_name in model.peft_config:
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is already loaded; delete_adapter it first or pick another name"
+        )
+    model.load_adapter(folder, adapter_name, is_trainable=is_trainable, **kwargs)
+    return model
+
+
+def read_peft_type(folder: str) -> str:
+    """The ``peft_type`` of ``folder/adapter_config.json``, with an error naming the file for every broken form."""
+    path = os.path.join(folder, CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            fields = json.load(f)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{folder} holds no {CONFIG_NAME}: it is not a saved adapter folder") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON (truncated or edited?): {exc}. Save the adapter again") from exc
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} must hold a JSON object of config fields, got a {type(fields).__name__}")
+    if "peft_type" not in fields:
+        raise ValueError(f"{path} has no peft_type field; a peft-lorsu adapter has one of {PLUGIN_TYPES}")
+    return str(fields["peft_type"])
 
 
 def _local_folder(model_id: str | os.PathLike, subfolder: str | None, revision: str | None, kwargs: dict) -> str:
@@ -408,8 +310,6 @@ def _local_folder(model_id: str | os.PathLike, subfolder: str | None, revision: 
         return os.path.abspath(local)
     if os.path.exists(local):
         raise ValueError(f"{local} is a file; give the adapter folder (or a Hub repository id)")
-    from huggingface_hub import hf_hub_download
-
     hub = {k: kwargs[k] for k in ("cache_dir", "token") if k in kwargs}
     try:
         files = [
@@ -422,46 +322,3 @@ def _local_folder(model_id: str | os.PathLike, subfolder: str | None, revision: 
             f"the Hub repository {path!r}: {type(exc).__name__}: {exc}"
         ) from exc
     return os.path.dirname(files[0])
-
-
-def _peft_type(folder: str) -> str:
-    path = os.path.join(folder, CONFIG_NAME)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return str(json.load(f).get("peft_type"))
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise ValueError(f"{path} is missing or not a JSON object: {exc}") from exc
-
-
-@contextmanager
-def _undo_injection_on_error(model: nn.Module) -> Iterator[None]:
-    """If the body raises, put back every replaced module of ``model``, its ``requires_grad`` flags and the absence
-    of a ``peft_config`` attribute, then re-raise."""
-    modules = dict(model.named_modules())
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    had_config = "peft_config" in vars(model)
-    try:
-        yield
-    except BaseException:
-        restore_modules(model, modules)
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        if not had_config:
-            vars(model).pop("peft_config", None)
-        raise
-
-
-def restore_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Put ``modules`` (``{path: module}`` as recorded by ``named_modules``) back where they were, parents first."""
-    for path in sorted((p for p in modules if p), key=lambda p: p.count(".")):
-        parent_path, _, child = path.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_path)
-            current = getattr(parent, child, None)
-        except AttributeError:
-            continue
-        if current is not modules[path]:
-            setattr(parent, child, modules[path])
-    remaining = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and n not in modules]
-    if remaining:
-        logger.warning("peft-lorsu: could not unwrap %s after a failed load", remaining)

@@ -8,15 +8,17 @@ projection width, L the prompt length.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.utils import ModelOutput
+
+from .compat import pooled_features
 
 T = TypeVar("T")
 ClassPrompts = Sequence[str] | Mapping[str, torch.Tensor]
@@ -109,6 +111,13 @@ def class_cross_entropy(
     return F.cross_entropy(logits, labels, reduction="sum") / num_items_in_batch
 
 
+def class_prompt_probe_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """``loss_fn(model, batch)`` form of :func:`class_cross_entropy` (the batch holds ``labels`` and the class
+    prompts), for ``probe_lorsu`` and training loops."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return class_cross_entropy(model(**inputs), batch["labels"])
+
+
 def harmonic_mean(base: float, new: float) -> float:
     """``H = 2 * B * N / (B + N)``; 0 when both are 0."""
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
@@ -162,34 +171,20 @@ def unwrap_clip(model: nn.Module) -> nn.Module:
     return clip
 
 
-def _pooled(output: Any) -> torch.Tensor:
-    # transformers 5 returns a ModelOutput whose pooler_output is the projected feature; 4.x returned the tensor.
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
 class ZeroShotClassifier(nn.Module):
     """CLIP as a C-way classifier over class prompts: ``logits = s * cos(image_feature, text_feature_c)``.
 
-    The C text features are computed once per forward. When no graph through the text side is needed (no text-side
-    parameter requires grad, or grad mode is off) and the text side is deterministic (eval mode or no dropout), they
-    are cached; the cache is refreshed automatically when a text-side tensor is replaced or updated in place (an
-    optimizer step, ``load_state_dict``) or when adapters are switched, merged or disabled. Call ``clear_cache()``
-    after any other change, e.g. assigning ``param.data``.
+    The C text features are computed in every forward. When the text side does not change for a while (training
+    only the image tower, e.g. LoRSU, or evaluating), say so with :meth:`fixed_text_features`: inside that block they
+    are computed once, without a graph, and reused.
 
     Args:
         model: a ``CLIPModel`` or a PEFT model wrapping one (RLP, LoRSU, ...).
         input_ids (`torch.LongTensor` of shape `(C, L)`): tokenised class prompts.
         attention_mask (`torch.LongTensor` of shape `(C, L)`, *optional*): the prompts' padding mask.
-        cache_text_features (`bool`, defaults to `True`): allow the cache described above.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache_text_features: bool = True,
-    ) -> None:
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model = model
         self.clip = [unwrap_clip(model)]  # a list keeps it out of the module tree (it is inside self.model)
@@ -197,8 +192,8 @@ class ZeroShotClassifier(nn.Module):
             raise ValueError(f"input_ids must have shape (num_classes, length), got {tuple(input_ids.shape)}")
         self.register_buffer("input_ids", input_ids, persistent=False)
         self.register_buffer("attention_mask", attention_mask, persistent=False)
-        self.cache_text_features = cache_text_features
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        # (C, D) features fixed by `fixed_text_features`, else None
+        self.fixed: torch.Tensor | None = None
 
     @classmethod
     def from_class_names(
@@ -208,67 +203,38 @@ class ZeroShotClassifier(nn.Module):
         class_names: Sequence[str],
         init_text: str = "a photo of a",
         template: str = "{init_text} {classname}.",
-        **kwargs,
     ) -> ZeroShotClassifier:
         """Build the prompts with [`build_class_prompts`] and tokenise them with ``tokenizer``."""
         prompts = build_class_prompts(class_names, init_text=init_text, template=template)
-        return cls(model, **tokenize_prompts(tokenizer, prompts), **kwargs)
+        return cls(model, **tokenize_prompts(tokenizer, prompts))
 
     @property
     def num_classes(self) -> int:
         return self.input_ids.shape[0]
 
-    def _text_modules(self) -> list[nn.Module]:
-        clip = self.clip[0]
-        modules = (getattr(clip, "text_model", None), getattr(clip, "text_projection", None))
-        return [m for m in modules if m is not None]
+    @contextmanager
+    def fixed_text_features(self) -> Iterator[torch.Tensor]:
+        """Compute the text features once (no graph) and use them for every forward inside the block.
 
-    def _text_state(self) -> tuple | None:
-        """A fingerprint that changes whenever the text features can change; None if one cannot be taken."""
-        tensors, layers = [], []
-        for module in self._text_modules():
-            for t in (*module.parameters(), *module.buffers()):
-                if t.is_inference():  # inference tensors keep no version counter
-                    return None
-                tensors.append((t.data_ptr(), t._version))
-            for sub in module.modules():
-                if isinstance(sub, BaseTunerLayer):
-                    layers.append((sub.disable_adapters, tuple(sub.active_adapters), tuple(sub.merged_adapters)))
-        return tuple(tensors), tuple(layers), self.input_ids.data_ptr()
-
-    def _can_cache(self) -> bool:
-        if not self.cache_text_features:
-            return False
-        modules = self._text_modules()
-        if torch.is_grad_enabled() and any(p.requires_grad for m in modules for p in m.parameters()):
-            return False
-        for module in modules:
-            for sub in module.modules():
-                rate = sub.p if isinstance(sub, nn.Dropout) else getattr(sub, "dropout", 0.0)
-                if sub.training and isinstance(rate, float) and rate > 0:
-                    return False
-        return True
-
-    def clear_cache(self) -> None:
-        self._cache = None
+        Only correct while nothing on the text side changes; the block ends with them released.
+        """
+        with torch.no_grad():
+            self.fixed = self.text_features()
+        try:
+            yield self.fixed
+        finally:
+            self.fixed = None
 
     def text_features(self) -> torch.Tensor:
         """L2-normalised class text features, `torch.FloatTensor` of shape `(C, D)`."""
-        state = self._text_state() if self._can_cache() else None
-        if state is None:
-            return self._compute_text_features()
-        if self._cache is None or self._cache[0] != state:
-            with torch.no_grad():
-                self._cache = (state, self._compute_text_features())
-        return self._cache[1]
-
-    def _compute_text_features(self) -> torch.Tensor:
+        if self.fixed is not None:
+            return self.fixed
         output = self.clip[0].get_text_features(input_ids=self.input_ids, attention_mask=self.attention_mask)
-        return F.normalize(_pooled(output), dim=-1)
+        return F.normalize(pooled_features(output), dim=-1)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features, `torch.FloatTensor` of shape `(B, D)`, from pixel values `(B, 3, H, W)`."""
-        return F.normalize(_pooled(self.clip[0].get_image_features(pixel_values=pixel_values)), dim=-1)
+        return F.normalize(pooled_features(self.clip[0].get_image_features(pixel_values=pixel_values)), dim=-1)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ClassifierOutput:
         """
@@ -345,15 +311,16 @@ def zero_shot_accuracy(
     model.eval()
     correct = total = 0
     try:
-        for batch in images_loader:
-            pixel_values, labels = _unpack_batch(batch)
-            targets = local[labels.long().cpu()]
-            keep = targets >= 0
-            if not bool(keep.any()):
-                continue
-            logits = classifier(pixel_values[keep.to(pixel_values.device)].to(device)).logits
-            correct += int((logits.argmax(dim=-1).cpu() == targets[keep]).sum())
-            total += int(keep.sum())
+        with classifier.fixed_text_features():
+            for batch in images_loader:
+                pixel_values, labels = _unpack_batch(batch)
+                targets = local[labels.long().cpu()]
+                keep = targets >= 0
+                if not bool(keep.any()):
+                    continue
+                logits = classifier(pixel_values[keep.to(pixel_values.device)].to(device)).logits
+                correct += int((logits.argmax(dim=-1).cpu() == targets[keep]).sum())
+                total += int(keep.sum())
     finally:
         model.train(was_training)
     if total == 0:

@@ -1,125 +1,123 @@
-"""Atomic adapter saves: a folder holds either the old adapter or the new one, never a mix.
+"""Saving an adapter so that a folder never loads as a mix of two saves, and nothing else in it is touched.
 
-``PeftModel.save_pretrained`` writes ``adapter_model.safetensors`` and then ``adapter_config.json`` in place. If it is
-interrupted between the two (or halfway through the first), the folder holds a mix; after ``import peft_lorsu`` such
-a folder is refused on load (truncated file, or weights whose SHA-256 the config does not record), but the old
-adapter is lost. :func:`save_adapter_atomic` keeps it: the new adapter is written into a temporary sibling folder,
-flushed to disk, and only then swapped in with two renames.
+:func:`save_adapter_atomic` saves the model into a private temporary folder, then moves each adapter file into the
+target folder with an atomic rename, the config last (it records the SHA-256 of the weights saved with it). So:
+
+- a reader sees each file either whole and old or whole and new; a kill between the renames leaves new weights
+  beside the old config, which :mod:`peft_lorsu.loading` refuses by the hash instead of loading a mix;
+- the target folder keeps everything else it holds (checkpoints, logs), its permissions, and a symbolic link stays
+  a link: only the adapter's own files are replaced;
+- writers to one folder take an exclusive lock on it; a second writer fails at once with a clear error instead of
+  interleaving its files with the first one's;
+- nothing is left behind after a kill: the temporary folder lives in the system's temporary directory, and a
+  temporary file left in the target folder (a kill during a move) is removed by the next save.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
-import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-# Never carried over from the old folder: the new save decides which adapter files exist.
-ADAPTER_FILES = frozenset({CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME})
 CARD = "README.md"
+# The order of the renames: weights first, the config (which records the weights' hash) last.
+ORDER = (SAFETENSORS_WEIGHTS_NAME, CARD, CONFIG_NAME)
+TEMP_MARK = ".peft-lorsu-tmp-"
 
 
 def save_adapter_atomic(model: Any, path: str | os.PathLike, **kwargs: Any) -> str:
-    """``model.save_pretrained(path, **kwargs)``, but an interruption leaves the previous ``path`` intact.
-
-    The adapter is saved into ``.<name>.saving-*`` next to ``path``. Files of the old folder that are not adapter
-    files (``adapter_config.json``, ``adapter_model.safetensors``, ``adapter_model.bin``) are carried over as hard
-    links (copies across file systems), and ``README.md`` is copied first so PEFT updates the card instead of
-    replacing it. Everything is flushed to disk; then the old folder is renamed away, the new one renamed into place,
-    and the old one deleted. An interruption before the first rename leaves the old folder untouched (and a stray
-    ``.saving-*`` folder); between the two renames, ``path`` is briefly absent and the old adapter sits in
-    ``.<name>.old-*``. ``path`` never holds a mix of two adapters.
+    """``model.save_pretrained(path, **kwargs)`` that never leaves ``path`` holding a mix of two saves.
 
     Args:
         model: a ``PeftModel`` (anything with ``save_pretrained``).
-        path: the adapter folder to create or replace.
+        path: the adapter folder, created if missing. Only the adapter files in it (and in the subfolders peft uses
+            for non-default adapters) are replaced.
         kwargs: passed to ``save_pretrained``; ``safe_serialization=False`` (pickle) is refused.
 
     Returns:
-        The absolute path of the saved folder.
+        The absolute path of the folder.
+
+    Raises:
+        ValueError: an empty path, a filesystem root, a path that is a file, or ``safe_serialization=False``.
+        RuntimeError: another process is saving to the same folder.
     """
     if kwargs.get("safe_serialization", True) is False:
         raise ValueError("save_adapter_atomic writes safetensors only; safe_serialization=False would write a pickle")
-    target = os.path.abspath(os.fspath(path))
-    parent, name = os.path.split(target)
+    raw = os.fspath(path)
+    if not raw.strip():
+        raise ValueError("save_adapter_atomic: path is empty; give the adapter folder")
+    target = os.path.abspath(raw)
+    if os.path.dirname(target) == target:
+        raise ValueError(f"save_adapter_atomic: refusing to save into the filesystem root {target!r}")
     if os.path.exists(target) and not os.path.isdir(target):
-        raise ValueError(f"{target} exists and is not a folder")
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
-    try:
-        old_card = os.path.join(target, CARD)
-        if os.path.isfile(old_card):
-            shutil.copy2(old_card, os.path.join(staging, CARD))
+        raise ValueError(f"save_adapter_atomic: {target} exists and is not a folder")
+    os.makedirs(target, exist_ok=True)
+    with _exclusive(target), tempfile.TemporaryDirectory(prefix="peft-lorsu-save-") as staging:
+        if os.path.isfile(os.path.join(target, CARD)):  # peft updates an existing card instead of replacing it
+            shutil.copy2(os.path.join(target, CARD), os.path.join(staging, CARD))
         model.save_pretrained(staging, **kwargs)
-        if os.path.isdir(target):
-            _carry_over(target, staging)
-        _fsync_tree(staging)
-        _swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        for folder, _, files in sorted(os.walk(staging)):
+            destination = os.path.join(target, os.path.relpath(folder, staging))
+            os.makedirs(destination, exist_ok=True)
+            _remove_stale_temporaries(destination)
+            for name in sorted(files, key=lambda n: ORDER.index(n) if n in ORDER else -1):
+                _replace(os.path.join(folder, name), os.path.join(destination, name))
+            stale_pickle = os.path.join(destination, WEIGHTS_NAME)  # peft would prefer nothing, we refuse it
+            if os.path.isfile(stale_pickle) and WEIGHTS_NAME not in files:
+                os.remove(stale_pickle)
+            _fsync(destination)
     return target
 
 
-def _carry_over(old: str, new: str) -> None:
-    """Link into ``new`` every entry of ``old`` that ``new`` lacks, recursively, except adapter files."""
-    for entry in os.scandir(old):
-        destination = os.path.join(new, entry.name)
-        if entry.name in ADAPTER_FILES:
-            continue
-        if entry.is_symlink():
-            if not os.path.lexists(destination):
-                os.symlink(os.readlink(entry.path), destination)
-        elif entry.is_dir():
-            if not os.path.exists(destination):
-                os.mkdir(destination)
-            if os.path.isdir(destination):
-                _carry_over(entry.path, destination)
-        elif not os.path.exists(destination):
-            _link_or_copy(entry.path, destination)
-
-
-def _link_or_copy(source: str, destination: str) -> None:
+@contextmanager
+def _exclusive(folder: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``flock`` on ``folder`` (released by the kernel if the process dies)."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
-
-
-def _fsync_tree(root: str) -> None:
-    """Flush every file and folder under ``root`` to disk (so a crash after the rename cannot lose their data)."""
-    for folder, _, files in os.walk(root):
-        for file_name in files:
-            path = os.path.join(folder, file_name)
-            if not os.path.islink(path):
-                _fsync(path, os.O_RDONLY)
-        _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-
-
-def _fsync(path: str, flags: int) -> None:
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # e.g. folders cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RuntimeError(
+                    f"another process is saving an adapter to {folder} right now; this save was not started, and the "
+                    "folder holds the other process's adapter once it finishes"
+                ) from exc
+            raise
+        yield
     finally:
         os.close(fd)
 
 
-def _swap_in(staging: str, target: str) -> None:
-    """Move ``staging`` to ``target``, replacing an existing ``target`` folder."""
-    parent, name = os.path.split(target)
-    if not os.path.exists(target):
-        os.rename(staging, target)
-    else:
-        retired = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, retired)
-        os.rename(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    _fsync(parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def _replace(source: str, destination: str) -> None:
+    """Copy ``source`` next to ``destination``, flush it to disk, then rename it over ``destination``."""
+    folder, name = os.path.split(destination)
+    temporary = os.path.join(folder, f"{TEMP_MARK}{os.getpid()}-{name}")
+    shutil.copyfile(source, temporary)
+    if os.path.exists(destination):
+        shutil.copymode(destination, temporary)  # keep the mode the user gave the file
+    _fsync(temporary)
+    os.replace(temporary, destination)
+
+
+def _remove_stale_temporaries(folder: str) -> None:
+    """Delete the temporary files a killed save left in ``folder`` (safe: this process holds the target's lock)."""
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_MARK):
+            os.remove(os.path.join(folder, name))
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)

@@ -1,6 +1,6 @@
 """MkDocs hook: replaces ``<!-- peft-lorsu-help -->`` in a page with the ``--help`` text of every command.
 
-The text comes from ``peft_lorsu.cli.build_parser()`` at build time, so the reference cannot drift from the code.
+The text comes from ``peft_lorsu.app.cli.build_parser()`` at build time, so the reference cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _help_text(parser: argparse.ArgumentParser) -> str:
 
 
 def _reference() -> str:
-    from peft_lorsu.cli import build_parser
+    from peft_lorsu.app.cli import build_parser
 
     parser = build_parser()
     parts = ["### `peft-lorsu`", "", "```text", _help_text(parser), "```"]

@@ -14,7 +14,7 @@ packaged demo digits, 5 epochs) under 30 s, process start-up included. A ViT-B/1
     ACCELERATE_USE_CPU=true accelerate launch --config_file examples/accelerate/ddp.yaml \
         examples/accelerate/train_clip.py --dry_run --output_dir /tmp/lorsu-ddp
 
-``--train_data`` is a folder with one sub-folder per class (or a dataset name of ``peft_lorsu.datasets``, ``demo`` by
+``--train_data`` is a folder with one sub-folder per class (or a dataset name of ``peft_lorsu.app.data``, ``demo`` by
 default, with the packaged mini-CLIP); each image is paired with a caption naming its class and trained with CLIP's
 own contrastive loss. What makes it correct on several processes:
 
@@ -44,12 +44,13 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPImageProcessor, CLIPModel
 
 from peft_lorsu import LoRSUConfig, probe_lorsu
+from peft_lorsu.app.models import load_clip, tiny_clip_config
+from peft_lorsu.app.scripts import load_image_classification
 from peft_lorsu.distributed import fully_shard_clip, shard_batches
-from peft_lorsu.resources import load_clip
-from peft_lorsu.trainer import ImageTextCollator, load_image_classification
+from peft_lorsu.trainer import ImageTextCollator
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,7 @@ logger = logging.getLogger(__name__)
 def tiny_clip(seed: int = 0) -> CLIPModel:
     """A random CLIP small enough for a CPU smoke test (vision 32 x 2 layers on 16 px images)."""
     torch.manual_seed(seed)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=99,
-                max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
-                  patch_size=8)  # fmt: skip
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    return CLIPModel(tiny_clip_config()).eval()
 
 
 def random_pairs(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -8,14 +8,16 @@ from typing import Any
 
 from peft.config import PeftConfig
 
-from ..loading import AdapterFileGuard, check_sha256_field
+from ..compat import add_peft_type
+from ..config import PluginConfig
 from ..lorsu.config import LoRSUConfig
-from ..registry import add_peft_type
 from ..rlp.config import RLPConfig
+
+PEFT_TYPE = add_peft_type("LORSU_RLP")
 
 
 @dataclass
-class LoRSURLPConfig(AdapterFileGuard, PeftConfig):
+class LoRSURLPConfig(PluginConfig):
     """One adapter that holds a LoRSU part (image encoder) and an RLP part (text prompts) of the same CLIP model.
 
     ``get_peft_model(clip, LoRSURLPConfig(lorsu=..., rlp=...))`` wraps both towers at once: both parts train together,
@@ -33,29 +35,29 @@ class LoRSURLPConfig(AdapterFileGuard, PeftConfig):
             first) or ``selection="random"``. A dict (as read from JSON) is turned back into a ``LoRSUConfig``.
         rlp (`RLPConfig` or `dict`):
             The RLP part; a dict is turned back into an ``RLPConfig``.
-        weights_sha256 (`str`, *optional*):
-            Written by ``save_pretrained``: the SHA-256 of the ``adapter_model.safetensors`` saved with this config.
-            Loading refuses a weights file that does not match (another save's, or an edited one).
     """
 
     lorsu: LoRSUConfig | dict | None = field(default=None, metadata={"help": "The LoRSU part (image encoder)."})
     rlp: RLPConfig | dict | None = field(default=None, metadata={"help": "The RLP part (text prompts)."})
-    weights_sha256: str | None = field(
-        default=None, metadata={"help": "Written on save: SHA-256 of the adapter weights saved with this config."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = add_peft_type("LORSU_RLP")
+        self.peft_type = PEFT_TYPE
         self.lorsu = _part(LoRSUConfig, self.lorsu, "lorsu")
         self.rlp = _part(RLPConfig, self.rlp, "rlp")
-        check_sha256_field("LoRSURLPConfig.weights_sha256", self.weights_sha256)
+        self.check_plugin_fields()
         for name in ("lorsu", "rlp"):
             if getattr(self, name).modules_to_save:
                 raise ValueError(
                     f"LoRSURLPConfig.{name}.modules_to_save={getattr(self, name).modules_to_save!r}: not supported in "
                     "the joint adapter; leave it None"
                 )
+
+    def validate(self) -> None:
+        """Check both parts again (``get_peft_model`` calls this)."""
+        self.check_plugin_fields()
+        self.lorsu.validate()
+        self.rlp.validate()
 
     @property
     def target_modules(self) -> None:

@@ -1,9 +1,12 @@
 """LoRSURLPModel: LoRSU layers in the image tower and the RLP prompt in the text tower, as one PEFT tuner.
 
-The tuner owns no layer type of its own: it runs LoRSU's and RLP's own preparation and layer creation on the two parts
-of its config (the way peft's ``MixedModel`` reuses LoRA's), so the layers, their saved tensors and their checks are
-exactly those of a LoRSU and an RLP adapter. peft 0.21 saves, loads and freezes structurally (every tuner layer's
-adapter tensors), which is what makes one adapter with two layer families work without further hooks.
+The tuner owns no layer type of its own: it calls the functions with which LoRSU and RLP prepare a model and create
+their layers (:mod:`peft_lorsu.lorsu.model`, :mod:`peft_lorsu.rlp.model`) on the two parts of its config, so the
+layers, their saved tensors and their checks are exactly those of a LoRSU and an RLP adapter.
+
+Its prefix ``lorsu_rlp_`` names no tensor: the layers' tensors keep the names ``lorsu_*`` and ``rlp_*`` of the two
+methods (so each part also loads as a standalone adapter). peft finds a tuner's tensors structurally (every tensor
+of a tuner layer but its base layer), not by the prefix.
 """
 
 from __future__ import annotations
@@ -11,23 +14,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import get_peft_model_state_dict
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from torch import nn
 
-from ..loading import before_injection
+from ..compat import PEFT_VERSION, STRUCTURAL_STATE_DICT
+from ..loading import check_before_injection
 from ..lorsu.layer import LoRSULayer
-from ..lorsu.model import LoRSUModel
+from ..lorsu.model import LoRSUModel, create_lorsu_layer, prepare_lorsu
 from ..rlp.layer import RLPLayer
-from ..rlp.model import RLPModel
+from ..rlp.model import FOLD_REFUSAL, RLPModel, create_rlp_layer, fold_contexts, prepare_rlp
+from ..utils import PluginTuner
 from .config import LoRSURLPConfig
 
 PART_PREFIXES = {"lorsu": LoRSUModel.prefix, "rlp": RLPModel.prefix}
 
 
-class LoRSURLPModel(BaseTuner):
+class LoRSURLPModel(PluginTuner):
     """Adds a LoRSU adapter to the image encoder and an RLP prompt to the text encoder of one CLIP model.
 
     Built by ``get_peft_model(clip, LoRSURLPConfig(lorsu=..., rlp=...))`` after ``import peft_lorsu``. Everything
@@ -47,21 +52,18 @@ class LoRSURLPModel(BaseTuner):
 
     prefix: str = "lorsu_rlp_"
     tuner_layer_cls = (LoRSULayer, RLPLayer)
-    target_module_mapping: dict[str, list[str]] = {}
-
-    # LoRSU's helpers, run on this tuner by LoRSUModel's _prepare_model / _create_and_replace below
-    _check_selection = LoRSUModel.__dict__["_check_selection"]
-    _shared_factor_owner = LoRSUModel.__dict__["_shared_factor_owner"]
-    _layer_kwargs = LoRSUModel._layer_kwargs
-
-    def _prepare_adapter_config(self, peft_config: LoRSURLPConfig, model_config: dict) -> LoRSURLPConfig:
-        return peft_config
 
     def _prepare_model(self, peft_config: LoRSURLPConfig, model: nn.Module) -> None:
-        before_injection(self, peft_config, model)  # rehearse loading a config just read from disk
+        if not STRUCTURAL_STATE_DICT:
+            raise ValueError(
+                f"LoRSURLPConfig (LoRSU + RLP in one adapter) needs peft >= 0.21, found peft {PEFT_VERSION}: older "
+                "versions find an adapter's tensors by the tuner's prefix, which the joint adapter's tensors do not "
+                "carry. Upgrade peft, or train LoRSU and RLP as two adapters"
+            )
+        check_before_injection(self, peft_config, model)  # rehearses loading a config just read from disk
         peft_config.sync_parts()
-        LoRSUModel._prepare_model(self, peft_config.lorsu, model)  # sets self._lorsu_sites
-        RLPModel._prepare_model(self, peft_config.rlp, model)  # fills peft_config.rlp.target_modules
+        self._lorsu_sites = prepare_lorsu(peft_config.lorsu, model)
+        prepare_rlp(peft_config.rlp, model)  # fills peft_config.rlp.target_modules
         shared = sorted(n for n in self._lorsu_sites if check_target_module_exists(peft_config.rlp, n))
         if shared:
             raise ValueError(f"LoRSURLPConfig: the LoRSU and RLP parts both target {shared[:3]}")
@@ -79,19 +81,11 @@ class LoRSURLPModel(BaseTuner):
         current_key: str,
         **optional_kwargs,
     ) -> None:
-        if current_key in self._lorsu_sites:
-            part, tuner = peft_config.lorsu, LoRSUModel
+        site = self._lorsu_sites.get(current_key)
+        if site is not None:
+            create_lorsu_layer(self, peft_config.lorsu, adapter_name, target, target_name, parent, site)
         else:
-            part, tuner = peft_config.rlp, RLPModel
-        tuner._create_and_replace(self, part, adapter_name, target, target_name, parent, current_key)
-
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        if isinstance(new_module, BaseTunerLayer):
-            super()._replace_module(parent, child_name, new_module, child)
-        else:
-            # unloading: the original module goes back as it is (CLIP's text embeddings or a fused attention have no
-            # `.weight` for peft's default to copy over)
-            setattr(parent, child_name, new_module)
+            create_rlp_layer(self, peft_config.rlp, adapter_name, target, target_name, parent)
 
     def merge_and_unload(
         self,
@@ -106,12 +100,13 @@ class LoRSURLPModel(BaseTuner):
         so it must be confirmed with ``fold_into_position_embedding=True``; otherwise this raises before anything is
         merged. ``unload()`` returns the untouched base model.
         """
-        if fold_into_position_embedding:  # without it RLP's merge_and_unload raises, and nothing may be merged first
-            for module in self.model.modules():
-                if isinstance(module, LoRSULayer):
-                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        # RLP folds its prompt and unloads every layer; the LoRSU layers leave their merged base layers behind
-        return RLPModel.merge_and_unload(self, progressbar, safe_merge, adapter_names, fold_into_position_embedding)
+        if not fold_into_position_embedding:  # checked before anything is merged
+            raise ValueError(FOLD_REFUSAL)
+        for module in self.model.modules():
+            if isinstance(module, LoRSULayer):
+                module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        fold_contexts(self.model, adapter_names, safe_merge)
+        return self.unload()  # the LoRSU layers leave their merged base layers behind
 
 
 def save_parts(model: PeftModel, save_directory: str | Path, adapter_name: str = "default") -> dict[str, Path]:
@@ -143,11 +138,10 @@ def save_parts(model: PeftModel, save_directory: str | Path, adapter_name: str =
 
 
 def trainable_parameters_by_part(model: nn.Module) -> dict[str, int]:
-    """``{"lorsu": n, "rlp": n}``: adapter parameters that require grad, by the part whose layers hold them."""
+    """``{"lorsu": n, "rlp": n}``: parameters that require grad, by the part whose tensors they are."""
     counts = dict.fromkeys(PART_PREFIXES, 0)
-    for module in model.modules():
-        part = "lorsu" if isinstance(module, LoRSULayer) else "rlp" if isinstance(module, RLPLayer) else None
-        for attr in module.adapter_layer_names if part else ():
-            container = getattr(module, attr)
-            counts[part] += sum(p.numel() for p in container.parameters(recurse=False) if p.requires_grad)
+    for name, param in model.named_parameters():
+        for part, prefix in PART_PREFIXES.items():
+            if param.requires_grad and f".{prefix}" in name:
+                counts[part] += param.numel()
     return counts

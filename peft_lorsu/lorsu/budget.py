@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .config import LoRSUConfig
-from .probe import unwrap_model
+from ..utils import unwrap_model
 from .targets import as_attention, as_linear, find_sites
+
+if TYPE_CHECKING:
+    from .config import LoRSUConfig
 
 # The paper's reference run on CLIP ViT-B/16 (r = 64, top_k_heads = 2, sparsity = 0.1): low-rank part
 # 12 * 64 * (3 * 2 * 64 + 768) + 64 * (768 + 512) = 966,656, fc1 part 12 * floor(0.1 * 3072 * 768) = 2,831,148.
@@ -127,9 +130,13 @@ def count_trainable(model: nn.Module, config: LoRSUConfig) -> int:
 
 
 def config_for_budget(
-    model: nn.Module, trainable_params: int, attention_share: float | None = None, **fixed
-) -> LoRSUConfig:
-    """A :class:`LoRSUConfig` whose trainable count lies within 1% of ``trainable_params`` (rule: module docstring).
+    config_cls: type[LoRSUConfig],
+    model: nn.Module,
+    trainable_params: int,
+    attention_share: float | None = None,
+    **fixed,
+) -> dict[str, Any]:
+    """Fields of a ``config_cls`` whose trainable count is within 1% of ``trainable_params`` (rule: module docstring).
 
     Args:
         model: the model to adapt (``CLIPModel``, a vision tower, ... or a wrapper around one).
@@ -150,7 +157,7 @@ def config_for_budget(
     share = PAPER_ATTENTION_SHARE if attention_share is None else attention_share
     if not 0 <= share <= 1:
         raise ValueError(f"LoRSUConfig.from_budget: attention_share must be in [0, 1], got {attention_share!r}")
-    probe_config = LoRSUConfig(**fixed)
+    probe_config = config_cls(**fixed)
     shape = count_structure(model, probe_config)
     if "top_k_heads" in fixed and probe_config.adapt_attention and fixed["top_k_heads"] > shape.max_heads:
         raise ValueError(
@@ -197,7 +204,7 @@ def config_for_budget(
             f"{trainable_params:,} with the fixed fields {sorted(fixed)}{closest}"
         )
     _, r, k, sparsity = best
-    return LoRSUConfig(**{"lora_alpha": r, **fixed, "r": r, "top_k_heads": k, "sparsity": sparsity})
+    return {"lora_alpha": r, **fixed, "r": r, "top_k_heads": k, "sparsity": sparsity}
 
 
 def _rule_pair(shape: CountStructure, ranks: list[int], heads: list[int], target: float) -> tuple[int, int]:

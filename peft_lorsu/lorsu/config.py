@@ -8,10 +8,15 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-from peft.config import PeftConfig
+import torch
 
-from ..loading import AdapterFileGuard, check_sha256_field
-from ..registry import add_peft_type
+from ..compat import add_peft_type
+from ..config import PluginConfig
+from ..utils import is_int as _is_int
+from ..utils import is_number as _is_number
+from .budget import config_for_budget
+
+PEFT_TYPE = add_peft_type("LORSU")
 
 TOWERS = ("vision", "text", "both")
 SELECTIONS = ("gradient", "random")
@@ -21,7 +26,7 @@ FLAGS = ("adapt_attention", "adapt_mlp", "adapt_projection", "train_biases", "sh
 
 
 @dataclass
-class LoRSUConfig(AdapterFileGuard, PeftConfig):
+class LoRSUConfig(PluginConfig):
     """Configuration of a LoRSU adapter.
 
     LoRSU adapts the transformer encoder of a CLIP-style model with three structured updates per encoder layer: a
@@ -85,11 +90,12 @@ class LoRSUConfig(AdapterFileGuard, PeftConfig):
             Written by the probe: attention module name -> the chosen head indices, ascending.
         head_scores (`dict[str, list[float]]`, *optional*):
             Written by the probe: attention module name -> importance of every head.
+        fc1_indices (`dict[str, torch.LongTensor]`, *optional*):
+            Written by the probe: fc1 module name -> the `(S,)` ascending flat indices of its chosen entries. Too
+            large for JSON, so never written to ``adapter_config.json``: they travel in memory from the probe to
+            ``get_peft_model`` and are saved as the ``lorsu_indices`` buffers of ``adapter_model.safetensors``.
         modules_to_save (`list[str]`, *optional*):
             Extra modules trained in full and saved with the adapter (PEFT's usual field).
-        weights_sha256 (`str`, *optional*):
-            Written by ``save_pretrained``: the SHA-256 of the ``adapter_model.safetensors`` saved with this config.
-            Loading refuses a weights file that does not match (another save's, or an edited one).
     """
 
     r: int = field(default=64, metadata={"help": "Rank of the low-rank updates (>= 1)."})
@@ -129,19 +135,16 @@ class LoRSUConfig(AdapterFileGuard, PeftConfig):
     head_scores: dict[str, list[float]] | None = field(
         default=None, metadata={"help": "Probe result: attention module name -> score of every head."}
     )
+    fc1_indices: dict[str, torch.Tensor] | None = field(
+        default=None, repr=False, metadata={"help": "Probe result (in memory only): fc1 name -> (S,) flat indices."}
+    )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
-    )
-    weights_sha256: str | None = field(
-        default=None, metadata={"help": "Written on save: SHA-256 of the adapter weights saved with this config."}
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = add_peft_type("LORSU")
-        # fc1 indices are tensors (S per layer): too large for JSON, so they travel in memory from the probe to
-        # get_peft_model and are saved as buffers in adapter_model.safetensors.
-        self.fc1_indices: dict | None = getattr(self, "fc1_indices", None)
+        self.peft_type = PEFT_TYPE
         self._validate()
         if self.lora_dropout > 0 and self.share_qkv_factor:
             warnings.warn(
@@ -224,7 +227,16 @@ class LoRSUConfig(AdapterFileGuard, PeftConfig):
             "modules_to_save",
             "None or a list of module names",
         )
-        check_sha256_field("LoRSUConfig.weights_sha256", self.weights_sha256)
+        self.check_plugin_fields()
+        check(
+            self.fc1_indices is None
+            or (
+                isinstance(self.fc1_indices, dict)
+                and all(isinstance(v, torch.Tensor) for v in self.fc1_indices.values())
+            ),
+            "fc1_indices",
+            "None or a dict of module name -> index tensor (written by probe_lorsu)",
+        )
         if not (self.adapt_attention or self.adapt_mlp or self.adapt_projection or self.train_biases):
             raise ValueError(
                 "LoRSUConfig has nothing to train: adapt_attention, adapt_mlp, adapt_projection and train_biases are "
@@ -261,9 +273,7 @@ class LoRSUConfig(AdapterFileGuard, PeftConfig):
         )
 
     @classmethod
-    def from_budget(
-        cls, model, trainable_params: int, attention_share: float | None = None, **fixed
-    ) -> LoRSUConfig:
+    def from_budget(cls, model, trainable_params: int, attention_share: float | None = None, **fixed) -> LoRSUConfig:
         """A config for ``model`` whose trainable count lies within 1% of ``trainable_params``.
 
         ``r`` (a power of two), ``top_k_heads`` and ``sparsity`` are chosen so that the low-rank updates get the
@@ -276,9 +286,17 @@ class LoRSUConfig(AdapterFileGuard, PeftConfig):
             ValueError: a budget below the smallest or above the largest count these settings reach (both given in
                 the message), or no combination within 1%.
         """
-        from .budget import config_for_budget  # budget builds on the target finder, which imports this module
+        return cls(**config_for_budget(cls, model, trainable_params, attention_share=attention_share, **fixed))
 
-        return config_for_budget(model, trainable_params, attention_share=attention_share, **fixed)
+    def to_dict(self) -> dict:
+        """The JSON-able fields: everything but the in-memory ``fc1_indices`` (saved as tensors instead)."""
+        indices, self.fc1_indices = self.fc1_indices, None
+        try:
+            out = super().to_dict()
+        finally:
+            self.fc1_indices = indices
+        out.pop("fc1_indices", None)
+        return out
 
     @property
     def resolved_init(self) -> bool | str:
@@ -297,11 +315,3 @@ class LoRSUConfig(AdapterFileGuard, PeftConfig):
         heads_ok = self.selected_heads is not None or not self.adapt_attention
         fc1_ok = self.fc1_indices is not None or not self.adapt_mlp
         return heads_ok and fc1_ok
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

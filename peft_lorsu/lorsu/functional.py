@@ -27,9 +27,10 @@ import torch.nn.functional as F
 # The compact block is used when it has at most this fraction of the weight's entries. Its extra cost is two gathers
 # (rows of g, columns of x: memory-bound copies, ~3% of the full product on a ViT-B/16 fc1), so it pays off early.
 COMPACT_BELOW = 0.9
-# The weight gradient is computed in row chunks of about this many entries of g, so backward never holds a
-# weight-sized block (or a full copy of g's selected rows) at once; the products stay large enough for full speed.
-CHUNK_ENTRIES = 2**21
+# The value gradients are computed in chunks of at most this many rows of the block, so backward never holds a
+# weight-sized block (nor a full copy of g's selected rows) at once; the products stay large enough for full speed.
+# The chunks are fixed with the pattern, so backward needs no host synchronisation (and torch.compile no graph break).
+CHUNK_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class SparsePattern:
             block, else the flat indices themselves).
         order: per index set, ``None`` when its indices are ascending, else the permutation that sorts them.
         compact: whether the block is a strict part of the weight (otherwise the full product is computed).
+        chunks: ``(row_start, row_stop)`` of each chunk of at most ``CHUNK_ROWS`` block rows.
+        bounds: per index set, per chunk, ``(lo, hi)``: the chunk's entries are ``local[lo:hi]``. Python ints,
+            computed once with the pattern.
     """
 
     shape: tuple[int, int]
@@ -52,6 +56,8 @@ class SparsePattern:
     local: tuple[torch.Tensor, ...]
     order: tuple[torch.Tensor | None, ...]
     compact: bool
+    chunks: tuple[tuple[int, int], ...]
+    bounds: tuple[tuple[tuple[int, int], ...], ...]
 
     @property
     def block_fraction(self) -> float:
@@ -89,7 +95,14 @@ def sparse_pattern(indices: Sequence[torch.Tensor], shape: tuple[int, int]) -> S
             order.append(perm)
         else:
             order.append(None)
-    return SparsePattern((m, d), rows, cols, tuple(local), tuple(order), compact)
+    n_rows, n_cols = rows.numel(), cols.numel()
+    chunks = tuple((start, min(n_rows, start + CHUNK_ROWS)) for start in range(0, n_rows, CHUNK_ROWS))
+    edges = torch.tensor([0, *(stop for _, stop in chunks)], device=device) * n_cols
+    bounds = []
+    for positions in local:
+        cut = torch.searchsorted(positions, edges.to(positions.dtype)).tolist()
+        bounds.append(tuple(zip(cut[:-1], cut[1:])))
+    return SparsePattern((m, d), rows, cols, tuple(local), tuple(order), compact, chunks, tuple(bounds))
 
 
 def scatter_delta(weight: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -134,16 +147,16 @@ def _value_grads(
     ``indices`` are the flat indices the pattern was built from (used only for their count and device).
     """
     x_block = _take_columns(x_kept, pattern.cols)  # (N, C)
-    n_rows, n_cols = pattern.rows.numel(), pattern.cols.numel()
-    all_rows = n_rows == pattern.shape[0]
-    step = max(1, CHUNK_ENTRIES // max(1, g.shape[0]))
+    n_cols = pattern.cols.numel()
+    all_rows = pattern.rows.numel() == pattern.shape[0]
     sorted_grads = [g.new_empty(idx.numel()) for idx in indices]
-    for start in range(0, n_rows, step):
-        stop = min(n_rows, start + step)
+    for c, (start, stop) in enumerate(pattern.chunks):
+        spans = [(out, local, *bounds[c]) for out, local, bounds in zip(sorted_grads, pattern.local, pattern.bounds)]
+        if all(hi == lo for *_, lo, hi in spans):
+            continue
         g_rows = g[:, start:stop] if all_rows else g.index_select(-1, pattern.rows[start:stop])
         block = (g_rows.t() @ x_block).reshape(-1)  # ((stop - start) * C,)
-        for out, local in zip(sorted_grads, pattern.local):
-            lo, hi = (int(torch.searchsorted(local, pos * n_cols, out_int32=True)) for pos in (start, stop))
+        for out, local, lo, hi in spans:
             if hi > lo:
                 out[lo:hi] = block.index_select(0, local[lo:hi] - start * n_cols)
     grads = []

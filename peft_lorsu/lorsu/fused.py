@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 from torch.func import functional_call
 
-from .layer import HeadLoRALinear, LoRSULayer
+from ..compat import BufferDict
+from .layer import LoRSUModule
 
 
-class HeadLoRAInProjection(nn.Module, LoRSULayer):
+class HeadLoRAInProjection(LoRSUModule):
     """Head-masked low-rank update of the fused q/k/v in-projection of a ``torch.nn.MultiheadAttention``."""
 
     adapter_layer_names = ("lorsu_U", "lorsu_V", "lorsu_bias")
@@ -38,8 +38,7 @@ class HeadLoRAInProjection(nn.Module, LoRSULayer):
     base_layer_type = nn.MultiheadAttention
 
     def __init__(self, base_layer: nn.MultiheadAttention, adapter_name: str, **kwargs) -> None:
-        nn.Module.__init__(self)
-        LoRSULayer.__init__(self, base_layer)
+        super().__init__(base_layer)
         if not base_layer._qkv_same_embed_dim:
             raise ValueError("LoRSU adapts a MultiheadAttention only with a fused in_proj_weight (kdim == vdim == d)")
         self.lorsu_U = nn.ParameterDict({})
@@ -52,12 +51,16 @@ class HeadLoRAInProjection(nn.Module, LoRSULayer):
         self._register_load_state_dict_pre_hook(self._check_loaded_rows)
         self.update_layer(adapter_name, **kwargs)
 
-    # the same consistency check as the separate q/k/v layers: saved rows must match the config's selected_heads
-    _check_loaded_rows = HeadLoRALinear._check_loaded_rows
+    # The stacked q/k/v weight is a parameter of the attention module, not a linear's `.weight`, so peft's base-weight
+    # accessors do not reach it; a quantised MultiheadAttention does not exist to need them.
+    def get_base_weight(self) -> torch.Tensor:
+        return self.get_base_layer().in_proj_weight.data
 
-    def base_weight_and_bias(self) -> tuple[nn.Parameter, nn.Parameter | None]:
-        base = self.get_base_layer()
-        return base.in_proj_weight, base.in_proj_bias
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        self.get_base_layer().in_proj_weight.data = weight
+
+    def base_bias(self) -> torch.Tensor | None:
+        return self.get_base_layer().in_proj_bias
 
     def update_layer(
         self,
@@ -128,7 +131,8 @@ class HeadLoRAInProjection(nn.Module, LoRSULayer):
 
     def _adapted_weights(self) -> dict[str, torch.Tensor]:
         """``in_proj_weight`` / ``in_proj_bias`` plus the deltas of the active adapters (only those that change)."""
-        weight, bias = self.base_weight_and_bias()
+        base = self.get_base_layer()
+        weight, bias = base.in_proj_weight, base.in_proj_bias
         out: dict[str, torch.Tensor] = {}
         for adapter in self.active_adapters:
             delta = self.get_delta_weight(adapter)
@@ -138,14 +142,8 @@ class HeadLoRAInProjection(nn.Module, LoRSULayer):
                 out["in_proj_bias"] = out.get("in_proj_bias", bias) + self.lorsu_bias[adapter].to(bias.dtype)
         return out
 
-    def forward(self, *args, **kwargs):
+    def _adapted_forward(self, *args, **kwargs):
         """Same signature and outputs as ``torch.nn.MultiheadAttention.forward``."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(*args, **kwargs)
-        if self.merged:
-            return self.base_layer(*args, **kwargs)
         substitutes = self._adapted_weights()
         if not substitutes:
             return self.base_layer(*args, **kwargs)
@@ -153,6 +151,3 @@ class HeadLoRAInProjection(nn.Module, LoRSULayer):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
-
-    def __repr__(self) -> str:
-        return "lorsu." + super().__repr__()

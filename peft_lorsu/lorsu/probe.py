@@ -6,6 +6,10 @@ first, squared later: not a per-sample Fisher). Head ``h`` of a layer scores ``|
 ||G_v^h||^2`` and the ``top_k_heads`` best heads of each layer are kept; fc1 keeps its ``S`` entries of largest
 ``|G|``.
 
+How it ends: with ``num_batches``, after that many batches; otherwise once ``probe_samples`` samples are seen and no
+accumulated gradient entry is zero, and at the latest after ``MAX_SAMPLES_FACTOR * probe_samples`` samples (an entry
+can stay zero for ever, e.g. a dead unit), or when the data ends. The log says which.
+
 Memory: only the tracked weights require grad during the probe, and a post-accumulate hook moves each gradient into
 an fp32 running sum and frees it at once, so at most one weight-sized gradient exists at a time besides the sums.
 
@@ -24,7 +28,6 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,59 +35,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_sum_, any_rank, distributed_info, is_distributed, is_fsdp_wrapped
+from ..utils import batch_size, only_these_require_grad, output_field, strip_data_parallel, to_device, unwrap_model
 from .config import LoRSUConfig
-from .selection import (
+from .scoring import (
+    LossFn,
+    check_gradients,
     check_top_k_heads,
-    head_scores,
-    num_sparse_values,
+    per_sample_fisher,
+    probe_losses,
     random_selection,
-    top_k_indices,
-    top_s_entries,
+    resolve_scorer,
+    score_heads,
+    select_fc1,
 )
-from .targets import Site, as_linear, attention_blocks, find_sites, qkv_gradients, qkv_weights
+from .targets import as_linear, attention_blocks, find_sites, qkv_weights
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+# The probe reads at most this many times probe_samples when some accumulated entry stays zero.
+MAX_SAMPLES_FACTOR = 4
 
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain transformers model under DDP / DataParallel / PeftModel wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        else:
-            return model
-
-
-def _strip_data_parallel(model: nn.Module) -> nn.Module:
-    """``model`` without its outer DDP / DataParallel wrappers: the probe must not trigger their gradient sync.
-
-    DDP would average each batch's gradients over the ranks inside backward (a collective every rank must join,
-    although shards may end at different steps) and expects gradients for every parameter it registered, while the
-    probe freezes all but the tracked weights; the probe reduces its own sums once at the end instead.
-    """
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
-def _batch_size(batch: Mapping[str, Any]) -> int:
-    if not isinstance(batch, Mapping):
-        raise ValueError(
-            f"probe_lorsu: batches must be dicts of model keyword arguments (pixel_values, input_ids, ...), got a "
-            f"{type(batch).__name__}"
-        )
-    for key in ("pixel_values", "input_ids", "labels"):
-        value = batch.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError("probe_lorsu: cannot tell the batch size; batches must be dicts holding at least one tensor")
 
 
 def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -93,40 +63,13 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     if "return_loss" in inspect.signature(unwrap_model(model).forward).parameters:
         kwargs.setdefault("return_loss", True)
     out = model(**kwargs)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    loss = output_field(out, "loss")
     if loss is None:
         raise ValueError(
             f"{type(unwrap_model(model)).__name__} returned no loss for this batch; "
             "pass loss_fn(model, batch) -> scalar"
         )
     return loss
-
-
-@contextmanager
-def _probe_state(model: nn.Module, tracked: Iterable[nn.Parameter]):
-    """Let only ``tracked`` require grad, in eval mode; restore grads, flags and modes afterwards, even on error."""
-    params = list(model.parameters())
-    requires_grad = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for p in params:
-            p.grad = None
-            p.requires_grad_(False)
-        for p in tracked:
-            p.requires_grad_(True)
-        model.eval()
-        yield
-    finally:
-        for p, flag, grad in zip(params, requires_grad, grads):
-            p.requires_grad_(flag)
-            p.grad = grad
-        for module, mode in modes:
-            module.training = mode
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class _GradientSums:
@@ -224,17 +167,22 @@ def probe_lorsu(
     tracked.update({name: as_linear(base.get_submodule(name)).weight for name in fc1})
     if not tracked:
         return config
-    from .scoring import probe_losses, rescore_heads, resolve_scorer  # scoring builds on this module
-
-    if config.adapt_attention and (head_scorer is not None or config.head_scoring != "gradient"):
-        resolve_scorer(config, head_scorer)  # fail before the pass, not after it
+    scorer = resolve_scorer(config, head_scorer) if config.adapt_attention else None  # fails before the pass
     per_sample_loss_fn, loss_fn = probe_losses(config, loss_fn, default_loss)
     device = next(iter(tracked.values())).device
     grads, num_samples, batches = _accumulate(
         model, base, tracked, dataloader, loss_fn, num_batches, config.probe_samples, device, show_progress
     )
-    _choose(config, sites, grads)
-    rescore_heads(model, config, sites, grads, num_samples, dataloader, per_sample_loss_fn, batches, head_scorer)
+    check_gradients(grads, sites, heads_by_gradient=head_scorer is None and config.head_scoring != "random")
+    if scorer is not None:
+        fisher = None
+        if config.head_scoring == "fisher":
+            fisher, _ = per_sample_fisher(model, sites, dataloader, per_sample_loss_fn, batches)
+        score_heads(config, sites, grads, num_samples, scorer, fisher)
+        if head_scorer is not None:
+            config.head_scoring = "custom"
+    if config.adapt_mlp:
+        config.fc1_indices = select_fc1(config, sites, grads)
     logger.info(
         "LoRSU probe: %d samples in %d batches (per process); heads per layer: %s",
         num_samples,
@@ -260,12 +208,13 @@ def _accumulate(
     Samples are counted over all processes; a step is one batch on every process that still has data.
     """
     rank, world = distributed_info()
-    forward_model = _strip_data_parallel(model)
+    forward_model = strip_data_parallel(model)
     total = num_batches if num_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
     bar = tqdm(total=total, desc="LoRSU probe", disable=not show_progress or rank != 0, unit="batch")
     num_samples = steps = 0
-    with _probe_state(base, tracked.values()):
-        sums = _GradientSums(tracked)  # hooks need requires_grad, which _probe_state has just set
+    reason = "the data ended"
+    with only_these_require_grad(base, tracked.values()):
+        sums = _GradientSums(tracked)  # hooks need requires_grad, which only_these_require_grad has just set
         try:
             batches = iter(dataloader)
             exhausted = False
@@ -289,15 +238,25 @@ def _accumulate(
                 steps += 1
                 if num_batches is not None:
                     if steps >= num_batches:
+                        reason = f"num_batches={num_batches} reached"
                         break
-                elif num_samples >= min_samples and not _has_zero_entries(sums.complete(tracked, device)):
-                    break
+                elif num_samples >= min_samples:
+                    if not _has_zero_entries(sums.complete(tracked, device)):
+                        reason = f"probe_samples={min_samples} reached with every gradient entry measured"
+                        break
+                    if num_samples >= MAX_SAMPLES_FACTOR * min_samples:
+                        reason = (
+                            f"{MAX_SAMPLES_FACTOR} x probe_samples read while some gradient entries stayed exactly "
+                            "zero (dead units, or batches of one sample)"
+                        )
+                        break
         finally:
             sums.remove()
             bar.close()
     if num_samples == 0:
         where = f" on any of the {world} processes" if world > 1 else ""
         raise ValueError(f"probe_lorsu: the dataloader yielded no batches{where}")
+    logger.info("LoRSU probe stopped after %d samples in %d batches: %s", num_samples, steps, reason)
     grads = sums.complete(tracked, device)
     for name in sorted(grads):  # the same order on every rank
         all_reduce_sum_(grads[name])
@@ -314,8 +273,8 @@ def _probe_batch(
     device: torch.device,
 ) -> int:
     """Add ``batch_size * grad`` of one batch to ``sums``; return the batch size."""
-    batch_size = _batch_size(batch)
-    loss = loss_fn(model, _to_device(batch, device))
+    size = batch_size(batch)
+    loss = loss_fn(model, to_device(batch, device))
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"probe_lorsu: loss_fn must return a scalar tensor, got {got} for batch {step}")
@@ -323,7 +282,7 @@ def _probe_batch(
         raise ValueError(f"probe_lorsu: the loss of batch {step} is {loss.item()}")
     sums.seen_in_batch.clear()
     if loss.requires_grad:
-        (loss * batch_size).backward()
+        (loss * size).backward()
     unreached = sorted(set(tracked) - sums.seen_in_batch)
     if unreached:
         raise ValueError(
@@ -331,7 +290,7 @@ def _probe_batch(
             f"{' and others' if len(unreached) > 3 else ''}; check that the loss depends on the targeted "
             "tower (e.g. pixel_values for the vision tower)"
         )
-    return batch_size
+    return size
 
 
 def _agree_on_step(
@@ -366,31 +325,3 @@ def _has_zero_entries(sums: dict[str, torch.Tensor]) -> bool:
         found = found or bool((total == 0).any())
         device = total.device
     return any_rank(found, device)
-
-
-def _choose(config: LoRSUConfig, sites: dict[str, Site], grads: dict[str, torch.Tensor]) -> None:
-    """Write the top-k heads per layer, all head scores and the top-S fc1 entries into ``config``."""
-    broken = sorted(name for name, grad in grads.items() if not torch.isfinite(grad).all())
-    if broken:
-        # A NaN / inf spreads backwards from where it appears, so the affected weight closest to the loss (the last
-        # in the sites' forward order) is where it most likely started.
-        order = {name: i for i, name in enumerate(sites)}
-        origin = max(broken, key=lambda name: order.get(name, -1))
-        raise ValueError(
-            f"probe_lorsu: the accumulated gradients of {broken} hold NaN or inf; the layer closest to the loss "
-            f"among them, where it most likely started, is {origin}"
-        )
-    if config.adapt_attention:
-        selected, scores = {}, {}
-        qkv = qkv_gradients(sites, grads)
-        for block, (num_heads, _) in attention_blocks(sites).items():
-            s = head_scores(*qkv[block], num_heads=num_heads)
-            scores[block] = [float(v) for v in s]
-            selected[block] = top_k_indices(s, config.top_k_heads)
-        config.selected_heads, config.head_scores = selected, scores
-    if config.adapt_mlp:
-        config.fc1_indices = {
-            site.name: top_s_entries(grads[site.name], num_sparse_values(grads[site.name], config.sparsity))
-            for site in sites.values()
-            if site.role == "fc1"
-        }

@@ -1,8 +1,11 @@
-"""How the probe ranks attention heads: the paper's gradient score, per-sample Fisher, random, or a user's function.
+"""Scoring and selection: how the probe turns gradients into LoRSU's heads and fc1 entries.
+
+Heads: the paper's gradient score, per-sample Fisher, random, or a user's function.
 
 Every strategy turns the statistics of one attention block (:class:`HeadStatistics`) into one score per head, and
 the probe keeps the ``top_k_heads`` best heads of each block (ties to the lower index). fc1 entries are always chosen
-by the mean gradient, whatever the head strategy.
+by the mean gradient, whatever the head strategy: the ``S`` entries of largest ``|G|``. Both choices are
+deterministic: ties go to the lower index, and fc1 indices are stored in ascending order.
 
 Symbols for one block: ``H`` heads of size ``d_h``, input width ``d``, ``N`` probe samples, ``l_i`` the loss of
 sample ``i`` and ``g_i = grad l_i``; ``G = (1 / N) sum_i g_i`` is the mean gradient the probe accumulates.
@@ -24,22 +27,94 @@ sample ``i`` and ``g_i = grad l_i``; ``G = (1 / N) sum_i g_i`` is the mean gradi
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import all_reduce_sum_
-from .config import LoRSUConfig
-from .probe import _batch_size, _probe_state, _strip_data_parallel, _to_device, unwrap_model
-from .selection import head_scores, top_k_indices
-from .targets import Site, attention_blocks, qkv_gradients, qkv_weights
+from ..utils import batch_size, only_these_require_grad, output_field, strip_data_parallel, to_device, unwrap_model
+from .targets import HEAD_ROLES, Site, as_linear, attention_blocks, qkv_gradients, qkv_weights
+
+if TYPE_CHECKING:
+    from .config import LoRSUConfig
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+
+
+def num_sparse_values(weight: torch.Tensor, sparsity: float) -> int:
+    """``S = floor(sparsity * numel(weight))``, at least 1 so a tiny layer still gets an update."""
+    return max(1, math.floor(sparsity * weight.numel()))
+
+
+def head_scores(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Score of every head: ``s_h = ||G_q^h||_F^2 + ||G_k^h||_F^2 + ||G_v^h||_F^2``.
+
+    Args:
+        grad_q, grad_k, grad_v: mean gradients of the q/k/v weights, `(d, d_in)`; head ``h`` owns rows
+            ``[h * d_h, (h + 1) * d_h)``.
+        num_heads: ``H``.
+
+    Returns:
+        `(H,)` float32 scores.
+    """
+    return sum(g.float().reshape(num_heads, -1).pow(2).sum(1) for g in (grad_q, grad_k, grad_v))
+
+
+def top_k_indices(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` largest entries of a 1-d tensor, ascending; ties go to the lower index."""
+    order = torch.sort(-scores.float(), stable=True).indices
+    return sorted(order[:k].tolist())
+
+
+def top_s_entries(grad: torch.Tensor, num_values: int) -> torch.Tensor:
+    """Flat indices (int64, ascending) of the ``num_values`` entries of ``grad`` with the largest magnitude.
+
+    Keeping the S largest ``|G|`` entries is the mask that maximises the first-order loss decrease of an S-sparse
+    update (Lemma 3.2 of the LoRSU paper).
+    """
+    magnitude = grad.float().abs().reshape(-1)
+    order = torch.sort(-magnitude, stable=True).indices
+    return order[:num_values].sort().values
+
+
+def check_top_k_heads(config: LoRSUConfig, blocks: dict[str, tuple[int, int]]) -> None:
+    """Raise if ``config.top_k_heads`` exceeds the heads of any attention block `{path: (num_heads, head_dim)}`."""
+    if not config.adapt_attention:
+        return
+    for block, (num_heads, _) in blocks.items():
+        if config.top_k_heads > num_heads:
+            raise ValueError(
+                f"LoRSUConfig.top_k_heads={config.top_k_heads} exceeds the {num_heads} heads of {block} "
+                f"(allowed: 1..{num_heads})"
+            )
+
+
+def random_selection(model: nn.Module, config: LoRSUConfig, sites: dict[str, Site]) -> None:
+    """Fill what ``config`` lacks with heads and fc1 entries drawn at random from ``config.seed`` (ablation; needs
+    no data). A part that is already there is kept: when a saved random adapter is loaded, its heads come from
+    ``adapter_config.json`` and its fc1 entries from the weights file, never from a new draw."""
+    generator = torch.Generator().manual_seed(config.seed)
+    heads = {
+        block: sorted(torch.randperm(num_heads, generator=generator)[: config.top_k_heads].tolist())
+        for block, (num_heads, _) in attention_blocks(sites).items()
+    }
+    if config.adapt_attention and config.selected_heads is None:
+        config.selected_heads = heads
+    if config.adapt_mlp and config.fc1_indices is None:
+        config.fc1_indices = {}
+        for site in sites.values():
+            if site.role == "fc1":
+                weight = as_linear(model.get_submodule(site.name)).weight
+                chosen = torch.randperm(weight.numel(), generator=generator)[
+                    : num_sparse_values(weight, config.sparsity)
+                ]
+                config.fc1_indices[site.name] = chosen.sort().values
 
 
 @dataclass(frozen=True)
@@ -139,7 +214,7 @@ def per_sample_clip_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Te
     """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "return_loss")}
     out = model(**inputs)
-    logits = out.get("logits_per_image") if isinstance(out, Mapping) else getattr(out, "logits_per_image", None)
+    logits = output_field(out, "logits_per_image")
     if logits is None:
         raise ValueError(
             f"head_scoring='fisher': {type(unwrap_model(model)).__name__} returned no logits_per_image; pass "
@@ -168,7 +243,7 @@ def per_sample_fisher(
     reaches even when its own pass failed.
     """
     base = unwrap_model(model)
-    forward_model = _strip_data_parallel(model)
+    forward_model = strip_data_parallel(model)
     weights = qkv_weights(base, sites)
     names = list(weights)
     blocks = attention_blocks(sites)
@@ -177,11 +252,11 @@ def per_sample_fisher(
     loss_fn = loss_fn or per_sample_clip_loss
     count, error = 0, None
     try:
-        with _probe_state(base, weights.values()):
+        with only_these_require_grad(base, weights.values()):
             for step, batch in enumerate(dataloader):
                 if num_batches is not None and step >= num_batches:
                     break
-                count += _fisher_batch(forward_model, _to_device(batch, device), loss_fn, weights, names, sites, sums)
+                count += _fisher_batch(forward_model, to_device(batch, device), loss_fn, weights, names, sites, sums)
     except Exception as exc:  # reported after the collective, so no process is left waiting
         error = exc
     order = sorted(sums)
@@ -216,7 +291,7 @@ def _fisher_batch(
 ) -> int:
     """Add ``sum_i`` of the per-head squared norms of ``grad l_i`` to ``sums``; return the batch size ``B``."""
     losses = loss_fn(model, batch)
-    size = _batch_size(batch)
+    size = batch_size(batch)
     if losses.shape != (size,):
         raise ValueError(
             f"head_scoring='fisher' needs per-sample losses: loss_fn must return a tensor of shape ({size},) "
@@ -264,29 +339,43 @@ def score_heads(
     config.selected_heads, config.head_scores = selected, scores
 
 
-def rescore_heads(
-    model: nn.Module,
-    config: LoRSUConfig,
-    sites: dict[str, Site],
-    grads: dict[str, torch.Tensor],
-    num_samples: int,
-    dataloader: Iterable[Mapping[str, Any]],
-    loss_fn: LossFn | None,
-    num_batches: int | None,
-    head_scorer: HeadScorer | None = None,
-) -> None:
-    """The probe's last step for a head strategy other than the default gradient score (a no-op for it).
+def select_fc1(config: LoRSUConfig, sites: dict[str, Site], grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The top-S entries of every fc1 by mean-gradient magnitude: ``{fc1 path: (S,) ascending int64}``."""
+    return {
+        site.name: top_s_entries(grads[site.name], num_sparse_values(grads[site.name], config.sparsity))
+        for site in sites.values()
+        if site.role == "fc1"
+    }
+
+
+def check_gradients(grads: dict[str, torch.Tensor], sites: dict[str, Site], heads_by_gradient: bool = True) -> None:
+    """Refuse mean gradients the selection cannot use: NaN / inf anywhere, or all zero (the probe measured nothing).
 
     Args:
-        loss_fn: the loss as given to ``probe_lorsu`` (per-sample for ``"fisher"``; ``None``: the CLIP default).
-        num_batches: the batches the gradient pass used; the Fisher pass reads the same ones.
+        grads: ``{weight path: (d_out, d_in)}`` as accumulated by the probe.
+        heads_by_gradient: whether heads are chosen from these gradients (else the q/k/v sums are not checked).
     """
-    if not config.adapt_attention or (head_scorer is None and config.head_scoring == "gradient"):
-        return
-    scorer = resolve_scorer(config, head_scorer)
-    fisher = None
-    if config.head_scoring == "fisher":
-        fisher, _ = per_sample_fisher(model, sites, dataloader, loss_fn, num_batches)
-    score_heads(config, sites, grads, num_samples, scorer, fisher)
-    if head_scorer is not None:
-        config.head_scoring = "custom"
+    broken = sorted(name for name, grad in grads.items() if not torch.isfinite(grad).all())
+    if broken:
+        # A NaN / inf spreads backwards from where it appears, so the affected weight closest to the loss (the last
+        # in the sites' forward order) is where it most likely started.
+        order = {name: i for i, name in enumerate(sites)}
+        origin = max(broken, key=lambda name: order.get(name, -1))
+        raise ValueError(
+            f"probe_lorsu: the accumulated gradients of {broken} hold NaN or inf; the layer closest to the loss "
+            f"among them, where it most likely started, is {origin}"
+        )
+    groups = {site.name: [site.name] for site in sites.values() if site.role == "fc1" and site.name in grads}
+    if heads_by_gradient:
+        for site in sites.values():
+            if site.role in HEAD_ROLES and all(path in grads for path in site.qkv):
+                groups[site.block] = list(site.qkv)
+    zero = [name for name, paths in groups.items() if not any(bool(grads[path].any()) for path in paths)]
+    if zero:
+        raise ValueError(
+            f"probe_lorsu: the gradients of {len(zero)} module(s) are exactly zero, so the probe measured nothing "
+            f"there and any choice would be arbitrary: {zero[:4]}{' ...' if len(zero) > 4 else ''}. Usual causes: a "
+            "loss that is exactly 0 (CLIP's contrastive loss on batches of one image), a loss multiplied by 0, or "
+            "layers the loss does not depend on. Probe with batches of at least 2 samples, or pass a loss_fn "
+            "(e.g. the class-prompt loss for labelled images)"
+        )

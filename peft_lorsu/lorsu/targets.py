@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .config import LoRSUConfig
 from .families import EncoderFamily, family_of, supported_summary
+
+if TYPE_CHECKING:
+    from .config import LoRSUConfig
 
 Role = Literal["q", "k", "v", "qkv", "fc1", "projection"]
 QKV = ("q", "k", "v")

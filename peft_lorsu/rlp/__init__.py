@@ -1,10 +1,7 @@
 """RLP: re-parameterised low-rank prompts (arXiv 2312.10813) for CLIP's text encoder, as a PEFT tuner."""
 
-from ..registry import register
 from .config import RLPConfig
 from .layer import RLPLayer, RLPTextEmbedding
 from .model import RLPModel
 
 __all__ = ["RLPConfig", "RLPLayer", "RLPModel", "RLPTextEmbedding"]
-
-register("rlp", RLPConfig, RLPModel, prefix="rlp_")

@@ -7,10 +7,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-from peft.config import PeftConfig
+from transformers import AutoTokenizer
 
-from ..loading import AdapterFileGuard, check_sha256_field
-from ..registry import add_peft_type
+from ..compat import add_peft_type
+from ..config import PluginConfig
+from ..utils import is_int as _is_int
+from ..utils import is_number as _is_number
+
+PEFT_TYPE = add_peft_type("RLP")
 
 MODES = ("low_rank", "full_rank")
 PROMPT_INITS = ("text", "random")
@@ -18,7 +22,7 @@ INIT_WEIGHTS = ("zero_b", "gaussian")
 
 
 @dataclass
-class RLPConfig(AdapterFileGuard, PeftConfig):
+class RLPConfig(PluginConfig):
     """
     Configuration of an [`RLPModel`]: n_ctx learned context vectors that replace the prompt's context tokens in the
     input of CLIP's text encoder.
@@ -74,9 +78,6 @@ class RLPConfig(AdapterFileGuard, PeftConfig):
             and their names written here.
         modules_to_save (`list[str]`, *optional*):
             Modules besides the RLP context to train and save, e.g. ``["text_projection"]``.
-        weights_sha256 (`str`, *optional*):
-            Written by ``save_pretrained``: the SHA-256 of the ``adapter_model.safetensors`` saved with this config.
-            Loading refuses a weights file that does not match (another save's, or an edited one).
     """
 
     n_ctx: int | None = field(
@@ -118,13 +119,10 @@ class RLPConfig(AdapterFileGuard, PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules besides the context to train and save."}
     )
-    weights_sha256: str | None = field(
-        default=None, metadata={"help": "Written on save: SHA-256 of the adapter weights saved with this config."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = add_peft_type("RLP")
+        self.peft_type = PEFT_TYPE
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         self._check_fields()
@@ -185,7 +183,7 @@ class RLPConfig(AdapterFileGuard, PeftConfig):
             allowed_str = name == "target_modules" and isinstance(value, str)
             if not (value is None or allowed_str or _is_str_collection(value)):
                 raise ValueError(f"RLPConfig.{name} must be None or a list of module names, got {value!r}")
-        check_sha256_field("RLPConfig.weights_sha256", self.weights_sha256)
+        self.check_plugin_fields()
 
     def _check_combination(self) -> None:
         """Fields that constrain each other: the init text, n_ctx, the mode and the rank."""
@@ -219,8 +217,6 @@ class RLPConfig(AdapterFileGuard, PeftConfig):
                 f"RLPConfig.init_text={self.init_text!r} needs tokenizer_name_or_path to be tokenised "
                 "(or pass its token ids as init_token_ids)"
             )
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, **(self.tokenizer_kwargs or {}))
         ids = tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
         if len(ids) == 0:
@@ -242,14 +238,6 @@ class RLPConfig(AdapterFileGuard, PeftConfig):
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"RLPConfig.{name} must be one of {allowed}, got {value!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_str_collection(value: object) -> bool:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import warnings
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 from transformers.models.siglip.modeling_siglip import SiglipTextEmbeddings
 
+from ..compat import BufferDict, move_adapter_to_base_device
+from ..utils import check_index_tensor
 from .config import RLPConfig
 
 # Text embedding modules RLP can wrap: they hold `token_embedding` and `position_embedding` and compute
@@ -71,10 +72,10 @@ class RLPLayer(BaseTunerLayer):
         self.vocab_size = base.token_embedding.num_embeddings
         self.max_positions = base.position_embedding.num_embeddings
 
-    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # The embeddings module has no `.weight`; its token embedding decides where the adapter lives.
-        weight = base_layer.token_embedding.weight
-        return weight.device, weight.dtype
+        weight = self.get_base_layer().token_embedding.weight
+        move_adapter_to_base_device(self, adapter_name, weight.device, weight.dtype, device)
 
     def update_layer(self, adapter_name: str, config: RLPConfig, inference_mode: bool = False, **kwargs) -> None:
         """Add (or re-initialise) the adapter ``adapter_name`` from ``config``."""
@@ -136,11 +137,7 @@ class RLPLayer(BaseTunerLayer):
             if loaded is None:
                 continue
             current = self.rlp_ctx_ids[adapter]
-            if loaded.dtype not in (torch.int32, torch.int64) or loaded.shape != current.shape:
-                raise ValueError(
-                    f"rlp_ctx_ids[{adapter!r}]: expected an int64 tensor of shape {tuple(current.shape)} (n_ctx), the "
-                    f"adapter holds {loaded.dtype} {tuple(loaded.shape)}"
-                )
+            loaded = check_index_tensor(f"rlp_ctx_ids[{adapter!r}] (n_ctx ids)", loaded, tuple(current.shape), 0)
             if not torch.equal(loaded.long().cpu(), current.cpu()):
                 raise ValueError(
                     f"rlp_ctx_ids[{adapter!r}]={loaded.tolist()} disagree with the init_token_ids "

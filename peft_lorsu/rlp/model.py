@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, _is_key_under_prefixes
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..loading import before_injection
+from ..loading import check_before_injection
+from ..utils import PluginTuner
 from .config import RLPConfig
 from .layer import SUPPORTED_TEXT_EMBEDDINGS, UNSUPPORTED_TEXT_EMBEDDINGS, RLPLayer, RLPTextEmbedding
 
@@ -17,14 +18,67 @@ def find_text_embeddings(model: nn.Module) -> list[str]:
     """Names of the CLIP text embedding modules in ``model`` (already wrapped ones included, their insides not)."""
     names: list[str] = []
     for name, module in model.named_modules():
-        if _is_key_under_prefixes(name.rpartition(".")[0], set(names)):
+        if any(name.startswith(found + ".") for found in names):  # inside a wrapped one
             continue
         if isinstance(module, (RLPLayer, *SUPPORTED_TEXT_EMBEDDINGS)):
             names.append(name)
     return names
 
 
-class RLPModel(BaseTuner):
+def prepare_rlp(config: RLPConfig, model: nn.Module) -> None:
+    """Check that ``model`` has a text tower RLP can adapt, and name its embeddings in ``config.target_modules``."""
+    config.validate()
+    names = find_text_embeddings(model)
+    refused = {type(m).__name__ for m in model.modules()} & set(UNSUPPORTED_TEXT_EMBEDDINGS)
+    if not names and refused:
+        name = sorted(refused)[0]
+        raise ValueError(f"RLP cannot adapt {type(model).__name__}'s {name}: {UNSUPPORTED_TEXT_EMBEDDINGS[name]}")
+    if not names:
+        raise ValueError(
+            f"RLP adapts the text embeddings (CLIPTextEmbeddings) of a CLIP text tower, and "
+            f"{type(model).__name__} has none. Supported models: {SUPPORTED_MODELS}, or any model containing "
+            "a CLIPTextEmbeddings module."
+        )
+    if config.target_modules is None:
+        config.target_modules = set(names)
+
+
+def create_rlp_layer(
+    tuner: BaseTuner, config: RLPConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module
+) -> None:
+    """Wrap ``target`` (CLIP text embeddings) in an :class:`RLPTextEmbedding`, or add ``adapter_name`` to it."""
+    if isinstance(target, RLPLayer):
+        target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+        return
+    if not isinstance(target, SUPPORTED_TEXT_EMBEDDINGS):
+        raise TypeError(
+            f"target_modules matched {target_name!r} of type {type(target).__name__}, but RLP only wraps CLIP "
+            f"text embeddings ({', '.join(c.__name__ for c in SUPPORTED_TEXT_EMBEDDINGS)}); leave target_modules "
+            "unset to find them automatically"
+        )
+    new_module = RLPTextEmbedding(target, adapter_name, config)
+    if adapter_name not in tuner.active_adapters:
+        # an added, inactive adapter is not trainable until set_adapter
+        new_module.requires_grad_(False)
+    tuner._replace_module(parent, target_name, new_module, target)
+
+
+FOLD_REFUSAL = (
+    "RLP's context cannot be merged into a plain CLIP model exactly for every prompt (no token embedding "
+    "can hold it without new vocabulary tokens). If every prompt you will encode starts with the init "
+    "text, call merge_and_unload(fold_into_position_embedding=True) to fold it into the position "
+    "embeddings; otherwise keep the PEFT model (merge_adapter() fixes the context) or call unload()."
+)
+
+
+def fold_contexts(model: nn.Module, adapter_names: list[str] | None, safe_merge: bool) -> None:
+    """Fold one adapter's context into the position embeddings of every RLP layer of ``model`` (in place)."""
+    for module in model.modules():
+        if isinstance(module, RLPTextEmbedding):
+            module.fold_into_position_embedding(adapter_names=adapter_names, safe_merge=safe_merge)
+
+
+class RLPModel(PluginTuner):
     """
     Adds RLP (re-parameterised low-rank prompts, arXiv 2312.10813) to the text tower of a CLIP model.
 
@@ -51,27 +105,10 @@ class RLPModel(BaseTuner):
 
     prefix: str = "rlp_"
     tuner_layer_cls = RLPLayer
-    target_module_mapping: dict[str, list[str]] = {}
-
-    def _prepare_adapter_config(self, peft_config: RLPConfig, model_config: dict) -> RLPConfig:
-        # Targets are found by module type in _prepare_model, not from a per-architecture name table.
-        return peft_config
 
     def _prepare_model(self, peft_config: RLPConfig, model: nn.Module) -> None:
-        before_injection(self, peft_config, model)  # re-validate; rehearse loading a config just read from disk
-        names = find_text_embeddings(model)
-        refused = {type(m).__name__ for m in model.modules()} & set(UNSUPPORTED_TEXT_EMBEDDINGS)
-        if not names and refused:
-            name = sorted(refused)[0]
-            raise ValueError(f"RLP cannot adapt {type(model).__name__}'s {name}: {UNSUPPORTED_TEXT_EMBEDDINGS[name]}")
-        if not names:
-            raise ValueError(
-                f"RLP adapts the text embeddings (CLIPTextEmbeddings) of a CLIP text tower, and "
-                f"{type(model).__name__} has none. Supported models: {SUPPORTED_MODELS}, or any model containing "
-                "a CLIPTextEmbeddings module."
-            )
-        if peft_config.target_modules is None:
-            peft_config.target_modules = set(names)
+        check_before_injection(self, peft_config, model)  # rehearses loading a config just read from disk
+        prepare_rlp(peft_config, model)
 
     def _create_and_replace(
         self,
@@ -83,27 +120,7 @@ class RLPModel(BaseTuner):
         current_key: str,
         **optional_kwargs,
     ) -> None:
-        if isinstance(target, RLPLayer):
-            target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
-            return
-        if not isinstance(target, SUPPORTED_TEXT_EMBEDDINGS):
-            raise TypeError(
-                f"target_modules matched {current_key!r} of type {type(target).__name__}, but RLP only wraps CLIP "
-                f"text embeddings ({', '.join(c.__name__ for c in SUPPORTED_TEXT_EMBEDDINGS)}); leave target_modules "
-                "unset to find them automatically"
-            )
-        new_module = RLPTextEmbedding(target, adapter_name, peft_config)
-        if adapter_name not in self.active_adapters:
-            # an added, inactive adapter is not trainable until set_adapter
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
-
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        if isinstance(new_module, RLPLayer):
-            super()._replace_module(parent, child_name, new_module, child)
-        else:
-            # unloading: put the original embeddings module back (it has no `.weight` for peft to copy over)
-            setattr(parent, child_name, new_module)
+        create_rlp_layer(self, peft_config, adapter_name, target, target_name, parent)
 
     def merge_and_unload(
         self,
@@ -133,16 +150,9 @@ class RLPModel(BaseTuner):
             fold_into_position_embedding (`bool`): confirm that every prompt starts with the init text.
         """
         if not fold_into_position_embedding:
-            raise ValueError(
-                "RLP's context cannot be merged into a plain CLIP model exactly for every prompt (no token embedding "
-                "can hold it without new vocabulary tokens). If every prompt you will encode starts with the init "
-                "text, call merge_and_unload(fold_into_position_embedding=True) to fold it into the position "
-                "embeddings; otherwise keep the PEFT model (merge_adapter() fixes the context) or call unload()."
-            )
-        for module in self.model.modules():
-            if isinstance(module, RLPTextEmbedding):
-                module.fold_into_position_embedding(adapter_names=adapter_names, safe_merge=safe_merge)
-        return self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+            raise ValueError(FOLD_REFUSAL)
+        fold_contexts(self.model, adapter_names, safe_merge)
+        return self.unload()
 
     def get_context(self, adapter_name: str | None = None) -> torch.Tensor:
         """The eval-mode context ``P`` of shape ``(n_ctx, d)`` of ``adapter_name`` (default: the active adapter)."""

@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 
+from ..compat import pooled_features
 from ..hub import record_card_info
 from ..lorsu import LoRSUConfig, probe_lorsu
 from ..objectives import build_class_prompts, zero_shot_accuracy
+from ..saving import save_adapter_atomic
 from .data import DEMO_SPLITS, load_demo
 from .inputs import to_pixel_values
 from .models import load_clip
-from .plots import heads_table, plot_demo
+from .plots import MATPLOTLIB_MISSING, has_matplotlib, heads_table, plot_demo
 from .sessions import ClassificationSet, EpochBatches, make_batches
 from .training import fit
 
@@ -118,23 +120,21 @@ def run_demo(cfg: DemoConfig) -> dict:
             "control accuracy after": after["control"],
         },
     )
-    peft_model.save_pretrained(out / "adapter")
+    save_adapter_atomic(peft_model, out / "adapter")
     reloaded = PeftModel.from_pretrained(base, out / "adapter").eval()
     with torch.no_grad():
         sample = {"pixel_values": target_test.pixel_values[:8]}
-        diff = (
-            (
-                peft_model.get_image_features(**sample).pooler_output
-                - reloaded.get_image_features(**sample).pooler_output
-            )
-            .abs()
-            .max()
-            .item()
-        )
-    plot_demo(before, after, config, out / "demo.png")
+        trained = pooled_features(peft_model.get_image_features(**sample))
+        diff = (trained - pooled_features(reloaded.get_image_features(**sample))).abs().max().item()
+    plot = out / "demo.png"
+    if has_matplotlib():
+        plot_demo(before, after, config, plot)
+        plot_note = f"plot: {plot}"
+    else:  # the demo's command installs no plotting library; everything else is printed above
+        plot, plot_note = None, f"no plot: {MATPLOTLIB_MISSING}"
     seconds = time.perf_counter() - start
     print(
-        f"5/5 adapter saved to {out / 'adapter'} and reloaded (max difference {diff:.1e}); plot: {out / 'demo.png'}"
+        f"5/5 adapter saved to {out / 'adapter'} and reloaded (max difference {diff:.1e}); {plot_note}"
         f"; {seconds:.0f} s in all"
     )
     return {
@@ -146,4 +146,5 @@ def run_demo(cfg: DemoConfig) -> dict:
         "reload_max_abs_diff": diff,
         "seconds": seconds,
         "selected_heads": config.selected_heads,
+        "plot": None if plot is None else str(plot),
     }

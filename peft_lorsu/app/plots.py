@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 from ..lorsu import LoRSUConfig
 
+MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'peft-lorsu[plots]' to draw it)"
+
+
+def has_matplotlib() -> bool:
+    """Whether plots can be drawn (matplotlib is an optional dependency: the ``plots`` extra)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ModuleNotFoundError(f"cannot draw the plot: {MATPLOTLIB_MISSING}", name="matplotlib") from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -101,8 +101,22 @@ def check_before_injection(tuner: nn.Module, config: PeftConfig, model: nn.Modul
         return
     refuse_pickles(folder, strict=False)
     tensors = read_adapter_tensors(folder, config.weights_sha256)
+    check_range(tensors, model, folder)
     names = [name for name, c in getattr(tuner, "peft_config", {}).items() if c is config]
     rehearse_load(model, config, tensors, where=folder, adapter_name=names[0] if names else None)
+
+
+def check_range(tensors: dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
+    """Refuse saved values that overflow the floating dtype of ``model`` (e.g. an fp32 adapter onto an fp16 model)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    limit = torch.finfo(dtype).max
+    huge = sorted(k for k, t in tensors.items() if t.is_floating_point() and t.numel() and t.abs().max() > limit)
+    if huge:
+        raise ValueError(
+            f"the adapter in {where} holds values beyond the {dtype} range of this model (|x| > {limit:.3g}) in "
+            f"{_short(huge)}; they would become inf. Load it onto a model in a wider dtype (float32); nothing was "
+            "changed"
+        )
 
 
 def shadow_copy(model: nn.Module) -> nn.Module:

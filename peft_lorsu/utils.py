@@ -129,3 +129,16 @@ class PluginTuner(BaseTuner):
 def output_field(output: Any, name: str) -> Any:
     """``name`` of a model output (a ``ModelOutput``, a dict or an object), ``None`` if it has none."""
     return output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+
+
+def check_modules_to_save(config: Any, targets: Iterable[str]) -> None:
+    """Refuse ``config.modules_to_save`` entries that name a module the tuner itself wraps (peft would fail halfway
+    through the injection); peft matches an entry against the end of a module's path."""
+    entries = getattr(config, "modules_to_save", None) or []
+    clash = sorted({t for t in targets for e in entries if t == e or t.endswith("." + e)})
+    if clash:
+        raise ValueError(
+            f"{type(config).__name__}.modules_to_save={list(entries)} names module(s) the adapter already wraps: "
+            f"{clash[:3]}; a module is either adapted or trained in full, not both. Remove them from modules_to_save"
+            " (or turn the adapter's part off, e.g. adapt_projection=False)"
+        )

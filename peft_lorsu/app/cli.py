@@ -25,13 +25,14 @@ from ..hub import record_card_info
 from ..lorsu import LoRSUConfig, probe_lorsu
 from ..lorsu.budget import count_trainable
 from ..objectives import build_class_prompts, class_prompt_probe_loss, zero_shot_accuracy
+from ..saving import save_adapter_atomic
 from .continual import ContinualConfig, ContinualRunner
 from .data import sample_per_class
 from .demo import DemoConfig, run_demo
 from .models import load_clip
-from .plots import heads_table, plot_head_scores, plot_sessions
+from .plots import has_matplotlib, heads_table, plot_head_scores, plot_sessions
 from .sessions import load_classification_set, make_batches
-from .training import fit
+from .training import TrainingDiverged, fit
 
 DATASET_HELP = (
     "dataset name: demo, digits, fashion_mnist, animal_mnist (optionally with a shift, e.g. fashion_mnist:inverted) "
@@ -121,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         learning_rate=args.lr,
     )
-    peft_model.save_pretrained(args.output_dir)
+    save_adapter_atomic(peft_model, args.output_dir)  # reached only if training stayed finite
     print(f"adapter saved to {args.output_dir}")
     return 0
 
@@ -167,9 +168,19 @@ def _continual(args: argparse.Namespace) -> int:
             config,
         )
         print(f"== {method}")
-        results[method] = runner.run()
+        checkpoints = out / "checkpoints" / method
+        try:
+            results[method] = runner.run(checkpoint_dir=checkpoints)
+        except KeyboardInterrupt:
+            print(
+                f"interrupted during {method}: its finished sessions are kept in {checkpoints} (and finished methods "
+                f"in {out}); run the same command again to resume",
+                file=sys.stderr,
+            )
+            return 130
         results[method].save(out)
-    plot_sessions(results, out / "sessions.png")
+    if has_matplotlib():
+        plot_sessions(results, out / "sessions.png")
     print(f"{'method':<14} {'target before':>13} {'after':>7} {'TI':>7} {'CC':>7} {'params':>10}")
     for method, r in results.items():
         params = max(r.trainable_params, default=0)
@@ -333,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except TrainingDiverged as error:
+        print(f"peft-lorsu {args.command}: {error}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ Methods are chosen by name (:data:`METHODS`) so that every one sees the same dat
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,9 +34,11 @@ from .sessions import (
     ContinualResult,
     EpochBatches,
     adapter_nbytes,
+    load_checkpoint,
     make_batches,
+    save_checkpoint,
 )
-from .training import fit
+from .training import TrainingDiverged, fit
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +105,8 @@ class ContinualConfig:
         for name in ("sessions", "shots", "epochs", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ContinualConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"ContinualConfig.lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"ContinualConfig.lr must be a finite number > 0, got {self.lr!r}")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"ContinualConfig.prompt_dropout must be in [0, 1), got {self.prompt_dropout!r}")
         if self.prompt_lr is not None and (self.method != "lorsu_rlp" or not self.prompt_lr > 0):
@@ -328,23 +332,43 @@ class ContinualRunner:
 
     # -------------------------------------------------------------------------------------------- run
 
-    def run(self, show_progress: bool = True) -> ContinualResult:
+    def run(self, show_progress: bool = True, checkpoint_dir: str | Path | None = None) -> ContinualResult:
+        """Run every session; return the accuracy matrix and the costs.
+
+        Args:
+            checkpoint_dir: keep each finished session there (results and model, :func:`save_checkpoint`); a run
+                given the folder of an interrupted one with the same settings resumes after its last finished
+                session.
+
+        Raises:
+            TrainingDiverged: a session's loss stopped being finite (the message names the session, the step and the
+                learning rate); the sessions before it stay in ``checkpoint_dir``.
+        """
         cfg = self.config
         torch.manual_seed(cfg.seed)
         columns = ["target", *self.controls]
         result = ContinualResult(method=cfg.method, columns=columns, config=asdict(cfg))
         start = time.perf_counter()
-        model = self.model.eval()
-        result.rows.append(self.evaluate(model))
-        logger.info("zero-shot: %s", dict(zip(columns, result.rows[0])))
-        if cfg.method != "zero_shot":
-            for session, indices in enumerate(session_indices(self.target_train, cfg), start=1):
-                probe_data = self._batches(indices, shuffle=False, seed=cfg.seed)
-                trainable = self._adapt(model, session, probe_data)
-                result.trainable_params.append(sum(p.numel() for p in trainable.parameters() if p.requires_grad))
-                batches = [
-                    self._batches(indices, shuffle=True, seed=cfg.seed + 1000 * session + e) for e in range(cfg.epochs)
-                ]
+        model, done = self.model.eval(), 0
+        resumed = load_checkpoint(Path(checkpoint_dir), asdict(cfg), model) if checkpoint_dir else None
+        if resumed is not None:
+            done, result, model = resumed
+            logger.info("resuming %s after session %d of %d", cfg.method, done, cfg.sessions)
+        else:
+            result.rows.append(self.evaluate(model))
+            logger.info("zero-shot: %s", dict(zip(columns, result.rows[0])))
+        sessions = [] if cfg.method == "zero_shot" else session_indices(self.target_train, cfg)
+        for session, indices in enumerate(sessions, start=1):
+            if session <= done:
+                continue
+            torch.manual_seed(cfg.seed + session)  # each session's initialisation, also when resumed after s - 1
+            probe_data = self._batches(indices, shuffle=False, seed=cfg.seed)
+            trainable = self._adapt(model, session, probe_data)
+            result.trainable_params.append(sum(p.numel() for p in trainable.parameters() if p.requires_grad))
+            batches = [
+                self._batches(indices, shuffle=True, seed=cfg.seed + 1000 * session + e) for e in range(cfg.epochs)
+            ]
+            try:
                 fit(
                     trainable,
                     EpochBatches(batches),
@@ -355,14 +379,19 @@ class ContinualRunner:
                     show_progress=show_progress,
                     lr_by_name={"rlp_": cfg.prompt_lr} if cfg.prompt_lr is not None else None,
                 )
-                result.adapter_bytes.append(self._session_bytes(trainable, session))
-                model = self._finish(trainable).eval()
-                result.rows.append(self.evaluate(model))
-                logger.info("session %d/%d: %s", session, cfg.sessions, dict(zip(columns, result.rows[-1])))
+            except TrainingDiverged as error:
+                error.args = (f"{cfg.method}, session {session}: {error}",)
+                raise
+            result.adapter_bytes.append(self._session_bytes(trainable, session))
+            model = self._finish(trainable).eval()
+            result.rows.append(self.evaluate(model))
+            logger.info("session %d/%d: %s", session, cfg.sessions, dict(zip(columns, result.rows[-1])))
+            if checkpoint_dir:
+                save_checkpoint(Path(checkpoint_dir), asdict(cfg), session, result, model)
         if isinstance(model, PeftModel):
             tags = ("lora_", "lorsu_", "rlp_")
             result.adapter_params = sum(p.numel() for n, p in model.named_parameters() if any(t in n for t in tags))
             result.final_adapter_bytes = sum(adapter_nbytes(model, name) for name in model.peft_config)
-        result.seconds = time.perf_counter() - start
+        result.seconds += time.perf_counter() - start
         self.final_model = model
         return result

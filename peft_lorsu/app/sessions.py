@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,11 +13,14 @@ from typing import Any, NamedTuple
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_model, save_model
+from torch import nn
 
+from ..saving import save_adapter_atomic
 from ..trainer import ClassPromptCollator, ImageTextCollator
 from .data import load_image_dataset
 from .inputs import random_captions, to_pixel_values
-from .plots import plot_sessions
+from .plots import has_matplotlib, plot_sessions
 
 LOSSES = ("contrastive", "class_ce")
 
@@ -140,8 +144,68 @@ class ContinualResult:
             writer.writerow(["session", *self.columns])
             for i, row in enumerate(self.rows):
                 writer.writerow([i, *(f"{v:.4f}" for v in row)])
-        plot_sessions({self.method: self}, paths[2])
+        if has_matplotlib():
+            plot_sessions({self.method: self}, paths[2])
+        else:
+            paths.pop()
         return paths
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+PROGRESS = "progress.json"
+
+
+def save_checkpoint(folder: Path, config: dict, session: int, result: ContinualResult, model: nn.Module) -> None:
+    """Keep what session ``session`` finished with: the results so far and the model the next session starts from.
+
+    A plain model is saved whole (``model.safetensors``); a PEFT model as its adapters (``adapters/``). The progress
+    file is written last, by an atomic rename, so a checkpoint is either the previous one or this one.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        kind, names = "adapters", list(model.peft_config)
+        save_adapter_atomic(model, folder / "adapters")
+    else:
+        kind, names = "model", []
+        save_model(model, str(folder / "model.tmp.safetensors"))
+        os.replace(folder / "model.tmp.safetensors", folder / "model.safetensors")
+    progress = {"config": config, "session": session, "kind": kind, "adapters": names, "result": asdict(result)}
+    (folder / f"{PROGRESS}.tmp").write_text(json.dumps(progress))
+    os.replace(folder / f"{PROGRESS}.tmp", folder / PROGRESS)
+
+
+def load_checkpoint(folder: Path, config: dict, base: nn.Module) -> tuple[int, ContinualResult, nn.Module] | None:
+    """``(last finished session, results so far, model to continue from)``, or ``None`` without a checkpoint.
+
+    Raises:
+        ValueError: the checkpoint was made with other settings (resuming would mix two experiments).
+    """
+    path = folder / PROGRESS
+    if not path.exists():
+        return None
+    progress = json.loads(path.read_text())
+    if progress["config"] != config:
+        changed = sorted(k for k in config if progress["config"].get(k) != config[k])
+        raise ValueError(
+            f"{folder} holds sessions of a run with other settings ({changed}); use another output folder or delete it"
+        )
+    result = ContinualResult(**progress["result"])
+    if progress["kind"] == "model":
+        load_model(base, str(folder / "model.safetensors"))
+        return progress["session"], result, base
+    first, *others = progress["adapters"]
+    adapters = folder / "adapters"
+    model = PeftModel.from_pretrained(base, _adapter_dir(adapters, first), adapter_name=first, is_trainable=True)
+    for name in others:
+        model.load_adapter(_adapter_dir(adapters, name), adapter_name=name, is_trainable=True)
+    model.base_model.set_adapter(progress["adapters"])
+    return progress["session"], result, model
+
+
+def _adapter_dir(folder: Path, name: str) -> Path:
+    """Where ``save_pretrained`` put adapter ``name``: the folder itself for ``default``, else a subfolder."""
+    return folder if name == "default" else folder / name
 
 
 def adapter_nbytes(model: PeftModel, adapter_name: str = "default") -> int:

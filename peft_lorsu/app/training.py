@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,33 @@ def param_groups(
     ]
 
 
+# How often (in steps) the loop checks that the loss is still finite: each check waits for the device, so the
+# training step itself never does.
+CHECK_EVERY = 20
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being finite: the run is abandoned, nothing it trained should be kept."""
+
+    def __init__(self, step: int, lr: float, loss: float) -> None:
+        self.step, self.lr, self.loss = step, lr, loss
+        super().__init__(
+            f"training diverged: the loss was {loss} at step {step} (learning rate {lr:g}); nothing was saved. "
+            "Lower the learning rate"
+        )
+
+
+def _check_finite(losses: list[torch.Tensor], first_step: int, lr: float) -> None:
+    """Raise :class:`TrainingDiverged` at the first non-finite loss of ``losses`` (steps from ``first_step``)."""
+    if not losses:
+        return
+    values = torch.stack(losses)
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        index = int(bad[0, 0])
+        raise TrainingDiverged(first_step + index, lr, float(values[index]))
+
+
 @dataclass
 class FitResult:
     """Per-epoch mean training losses and the number of optimizer steps taken."""
@@ -65,7 +93,14 @@ def fit(
 
     Returns:
         the mean loss of every epoch and the step count.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or inf, naming the step (counted from 1) and the learning rate. The
+            loop checks every ``CHECK_EVERY`` steps and at the end of every epoch, so that the step itself never
+            waits for the device.
     """
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"fit: lr must be a finite number > 0, got {lr!r}")
     if epochs < 1:
         raise ValueError(f"fit: epochs must be >= 1, got {epochs}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -77,7 +112,8 @@ def fit(
     result = FitResult()
     model.train()
     for epoch in range(epochs):
-        total, count = 0.0, 0
+        losses: list[torch.Tensor] = []  # this epoch's, kept on the device
+        checked = 0
         bar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{epochs}", disable=not show_progress, unit="batch")
         for batch in bar:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -85,11 +121,14 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item()
-            count += 1
+            losses.append(loss.detach())
             result.steps += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        result.epoch_losses.append(total / max(count, 1))
+            if len(losses) - checked >= CHECK_EVERY:
+                _check_finite(losses[checked:], result.steps - len(losses) + checked + 1, lr)
+                checked = len(losses)
+                bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
+        _check_finite(losses[checked:], result.steps - len(losses) + checked + 1, lr)
+        result.epoch_losses.append(float(torch.stack(losses).mean()) if losses else 0.0)
         logger.info("epoch %d/%d: mean loss %.4f", epoch + 1, epochs, result.epoch_losses[-1])
     model.eval()
     return result

@@ -17,6 +17,7 @@ from ..utils import is_number as _is_number
 from .budget import config_for_budget
 
 PEFT_TYPE = add_peft_type("LORSU")
+MAX_LORA_ALPHA = 1e6
 
 TOWERS = ("vision", "text", "both")
 SELECTIONS = ("gradient", "random")
@@ -166,7 +167,11 @@ class LoRSUConfig(PluginConfig):
                 raise ValueError(f"LoRSUConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
 
         check(_is_int(self.r) and self.r >= 1, "r", "an integer >= 1")
-        check(_is_number(self.lora_alpha) and 0 < self.lora_alpha < math.inf, "lora_alpha", "a number > 0 and finite")
+        check(
+            _is_number(self.lora_alpha) and 0 < self.lora_alpha <= MAX_LORA_ALPHA,
+            "lora_alpha",
+            f"a number in (0, {MAX_LORA_ALPHA:g}] (larger scales overflow the low-rank update)",
+        )
         check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
         check(
             _is_int(self.top_k_heads) and self.top_k_heads >= 1,

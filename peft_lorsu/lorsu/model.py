@@ -6,7 +6,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..loading import check_before_injection
-from ..utils import PluginTuner
+from ..utils import PluginTuner, check_modules_to_save
 from .config import LoRSUConfig
 from .fused import HeadLoRAInProjection
 from .layer import HeadLoRALinear, LoRSULayer
@@ -26,6 +26,7 @@ def prepare_lorsu(config: LoRSUConfig, model: nn.Module) -> dict[str, Site]:
     if config.selection == "random" and not config.has_selection:
         random_selection(model, config, sites)
     check_selection(config, sites)
+    check_modules_to_save(config, sites)
     return sites
 
 

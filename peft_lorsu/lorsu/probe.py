@@ -57,11 +57,23 @@ MAX_SAMPLES_FACTOR = 4
 
 
 
+def check_pairs(batch: Mapping[str, Any], where: str = "the batch") -> None:
+    """Refuse a batch for CLIP's contrastive loss whose images and captions differ in number."""
+    images, texts = batch.get("pixel_values"), batch.get("input_ids")
+    if isinstance(images, torch.Tensor) and isinstance(texts, torch.Tensor) and len(images) != len(texts):
+        raise ValueError(
+            f"the contrastive loss pairs image i with text i, but {where} holds {len(images)} images and "
+            f"{len(texts)} texts; give one caption per image (or labels and the class prompts, with "
+            "loss_fn=peft_lorsu.class_prompt_probe_loss)"
+        )
+
+
 def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     """The model's own loss: ``model(**batch, return_loss=True).loss`` (CLIP's contrastive loss for CLIPModel)."""
     kwargs = dict(batch)
     if "return_loss" in inspect.signature(unwrap_model(model).forward).parameters:
         kwargs.setdefault("return_loss", True)
+        check_pairs(batch)
     out = model(**kwargs)
     loss = output_field(out, "loss")
     if loss is None:
@@ -274,6 +286,8 @@ def _probe_batch(
 ) -> int:
     """Add ``batch_size * grad`` of one batch to ``sums``; return the batch size."""
     size = batch_size(batch)
+    if "labels" not in batch:
+        check_pairs(batch, f"probe_lorsu's batch {step}")
     loss = loss_fn(model, to_device(batch, device))
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__

@@ -19,6 +19,13 @@ from .functional import SparsePattern, scatter_delta, sparse_delta_linear, spars
 from .layer import LoRSULinear
 
 
+def check_ascending(indices: torch.Tensor, what: str) -> torch.Tensor:
+    """Refuse repeated (or unsorted) fc1 indices: each entry is updated once, and the kernels rely on the order."""
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise ValueError(f"{what}: must be strictly ascending (each fc1 entry once); these repeat or are out of order")
+    return indices
+
+
 class SparseLinear(LoRSULinear):
     """Sparse additive update of S fixed entries of the weight (fc1): ``W + scatter(values, indices)``.
 
@@ -63,6 +70,7 @@ class SparseLinear(LoRSULinear):
                 self.indices_pending[adapter_name] = True
             else:
                 indices = check_index_tensor("fc1 indices", indices, (num_values,), numel)
+                check_ascending(indices, "fc1 indices")
             values = torch.zeros(num_values)
             if init is False:
                 nn.init.normal_(values, std=0.02)
@@ -82,7 +90,8 @@ class SparseLinear(LoRSULinear):
             if key in state_dict:
                 shape = tuple(self.lorsu_indices[adapter].shape)
                 what = f"lorsu_indices[{adapter!r}] of {self.get_base_layer()}"
-                check_index_tensor(what, state_dict[key], shape, self.in_features * self.out_features)
+                loaded = check_index_tensor(what, state_dict[key], shape, self.in_features * self.out_features)
+                check_ascending(loaded, what)
                 self.indices_pending.pop(adapter, None)
 
     def _deltas(self, adapters: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:

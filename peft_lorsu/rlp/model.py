@@ -7,7 +7,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..loading import check_before_injection
-from ..utils import PluginTuner
+from ..utils import PluginTuner, check_modules_to_save
 from .config import RLPConfig
 from .layer import SUPPORTED_TEXT_EMBEDDINGS, UNSUPPORTED_TEXT_EMBEDDINGS, RLPLayer, RLPTextEmbedding
 
@@ -39,6 +39,7 @@ def prepare_rlp(config: RLPConfig, model: nn.Module) -> None:
             f"{type(model).__name__} has none. Supported models: {SUPPORTED_MODELS}, or any model containing "
             "a CLIPTextEmbeddings module."
         )
+    check_modules_to_save(config, names)
     if config.target_modules is None:
         config.target_modules = set(names)
 

@@ -15,6 +15,7 @@ wraps the model, so a Trainer script needs no glue of its own.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -133,11 +134,20 @@ def get_lorsu_model(
     num_batches: int | None = None,
     adapter_name: str = "default",
     show_progress: bool = True,
+    resume_from: str | os.PathLike | None = None,
 ) -> PeftModel:
     """Probe on ``train_dataset`` (unless ``config`` already holds a selection), then ``get_peft_model``.
 
     The one call a Trainer script needs before ``Trainer(model=..., data_collator=data_collator, ...)``.
+
+    Args:
+        resume_from: a Trainer checkpoint (``output_dir/checkpoint-N``) or a saved adapter folder: its adapter is
+            loaded, trainable, instead of probing again (the selection must be the one the run started with; a probe
+            on other data picks other heads). Then ``trainer.train(resume_from_checkpoint=...)`` restores the
+            optimizer and continues. ``config`` and the data are not used in this case.
     """
+    if resume_from is not None:
+        return PeftModel.from_pretrained(model, resume_from, adapter_name=adapter_name, is_trainable=True)
     if not config.has_selection:
         probe_on_dataset(model, config, train_dataset, data_collator, batch_size, loss_fn, num_batches, show_progress)
     return get_peft_model(model, config, adapter_name=adapter_name)

@@ -119,6 +119,16 @@ class PluginTuner(BaseTuner):
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         return peft_config
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: LoRSU adapters each choose their own heads and fc1 entries (RLP prompts their own context), so
+        two adapters' tensors do not line up entry by entry the way LoRA's do."""
+        raise NotImplementedError(
+            f"add_weighted_adapter is not supported for {type(self).__name__}: each adapter selects its own heads and "
+            "fc1 entries (or prompt context), so their weights cannot be averaged entry by entry. To combine "
+            "adapters, activate several at once (model.base_model.set_adapter(['a', 'b']): their updates add up) or "
+            "merge them one after the other (merge_adapter / merge_and_unload)"
+        )
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         if isinstance(new_module, BaseTunerLayer):
             super()._replace_module(parent, child_name, new_module, child)

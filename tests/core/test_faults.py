@@ -155,3 +155,16 @@ def test_broken_adapter_config_files_name_the_file(content, match, tmp_path):
         safe_load_adapter(base, tmp_path)
     assert "adapter_config.json" in str(info.value) or "NOT_A_METHOD" in str(info.value)
     assert_untouched(base, before)
+
+
+@pytest.mark.parametrize("method", ["lorsu", "rlp"])
+def test_add_weighted_adapter_is_refused_with_the_alternative(method):
+    if method == "lorsu":
+        config = LoRSUConfig(r=2, selection="random")
+    else:
+        config = RLPConfig(init_token_ids=[5, 6], rank=1)
+    peft_model = get_peft_model(tiny_clip(), config)
+    peft_model.add_adapter("second", copy.deepcopy(config))
+    with pytest.raises(NotImplementedError, match=r"cannot be averaged entry by entry.*set_adapter\(\['a', 'b'\]\)"):
+        peft_model.add_weighted_adapter(["default", "second"], [0.5, 0.5], "mixed")
+    assert set(peft_model.peft_config) == {"default", "second"}

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import clip_batches, clip_tokenizer, tiny_clip
+from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from peft_lorsu import LoRSUConfig
@@ -129,6 +130,38 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
             torch.testing.assert_close(resumed_state[name][key], value, rtol=0, atol=1e-6, msg=f"{name} {key}")
 
 
+def test_a_script_resumes_without_probing_again_and_evaluates_without_training_data(tmp_path):
+    """The documented recipe: get_lorsu_model(resume_from=checkpoint) instead of a new probe (on other data it would
+    pick other heads, and the checkpoint would be refused); evaluation needs only the saved adapter."""
+    full_model, full_trainer = contrastive_run(tmp_path / "full", save_strategy="steps", save_steps=2)
+    full_trainer.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+
+    heads = full_model.peft_config["default"].selected_heads
+    configs = (LoRSUConfig(r=4, top_k_heads=2, selection="random", seed=seed) for seed in range(50))
+    randoms = (get_peft_model(tiny_clip(), config) for config in configs)
+    reprobed = next(m for m in randoms if m.peft_config["default"].selected_heads != heads)  # other heads
+    with pytest.raises(ValueError, match=r"is_trainable=True\) instead of probing again"):
+        reprobed.load_adapter(str(checkpoint), adapter_name="default")  # what a script that probes again meets
+
+    resumed = get_lorsu_model(tiny_clip(), LoRSUConfig(), None, None, resume_from=checkpoint)
+    trainer = Trainer(
+        model=resumed, args=args(tmp_path / "resumed", label_names=[]), train_dataset=paired_dataset(),
+        data_collator=ImageTextCollator(),
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = adapter_state(full_model), adapter_state(resumed)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+    final = tmp_path / "final"
+    resumed.save_pretrained(final)
+    evaluated = PeftModel.from_pretrained(tiny_clip(), final).eval()  # no training data, no probe
+    batch = clip_batches(n=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(evaluated(**batch).logits_per_image, resumed.eval()(**batch).logits_per_image)
+
+
 def optimizer_state(trainer: Trainer, model) -> dict[str, dict[str, torch.Tensor]]:
     """The optimizer's state per adapter parameter name (through accelerate's optimizer wrapper)."""
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
@@ -138,7 +171,11 @@ def optimizer_state(trainer: Trainer, model) -> dict[str, dict[str, torch.Tensor
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     plain_model, plain = contrastive_run(tmp_path / "plain")
     plain.train()
-    ckpt_model, ckpt = contrastive_run(tmp_path / "ckpt", activation_checkpointing=True)
+    # transformers 5.x names the argument activation_checkpointing (gradient_checkpointing is its deprecated alias),
+    # 4.x has only gradient_checkpointing
+    fields = TrainingArguments.__dataclass_fields__
+    flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    ckpt_model, ckpt = contrastive_run(tmp_path / "ckpt", **{flag: True})
     ckpt.train()
     assert ckpt_model.base_model.model.vision_model.encoder.gradient_checkpointing
     a, b = adapter_state(plain_model), adapter_state(ckpt_model)

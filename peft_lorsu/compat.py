@@ -121,6 +121,12 @@ def get_base_weight(layer: nn.Module) -> torch.Tensor:
     return accessor() if accessor is not None else layer.get_base_layer().weight.data
 
 
+def full_shape(weight: torch.Tensor) -> torch.Size:
+    """Shape of a weight, also while DeepSpeed ZeRO-3 partitions it (``.shape`` is then `(0,)`; ``ds_shape`` is the
+    full one). Tested with deepspeed 0.19.8."""
+    return torch.Size(getattr(weight, "ds_shape", weight.shape))
+
+
 def set_base_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     """Write a merged base weight: peft's accessor (>= 0.20, re-quantises), else ``.weight.data``."""
     accessor = getattr(layer, "set_base_weight", None)

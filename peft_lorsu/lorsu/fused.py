@@ -56,6 +56,9 @@ class HeadLoRAInProjection(LoRSUModule):
     def get_base_weight(self) -> torch.Tensor:
         return self.get_base_layer().in_proj_weight.data
 
+    def base_weight_parameter(self) -> torch.Tensor:
+        return self.get_base_layer().in_proj_weight
+
     def set_base_weight(self, weight: torch.Tensor) -> None:
         self.get_base_layer().in_proj_weight.data = weight
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..compat import BufferDict, get_base_weight, move_adapter_to_base_device, set_base_weight
+from ..compat import BufferDict, full_shape, get_base_weight, move_adapter_to_base_device, set_base_weight
 from ..utils import check_index_tensor
 
 
@@ -50,8 +50,12 @@ class LoRSULayer(BaseTunerLayer):
                 f"{type(self).__name__} wraps {self.base_layer_type.__name__} layers, "
                 f"got {type(self.get_base_layer()).__name__}"
             )
-        self.out_features, self.in_features = get_base_weight(self).shape
+        self.out_features, self.in_features = full_shape(self.base_weight_parameter())
         self.kwargs = kwargs
+
+    def base_weight_parameter(self) -> torch.Tensor:
+        """The base weight as the module holds it (a DeepSpeed ZeRO-3 partition keeps its full shape there)."""
+        return self.get_base_layer().weight
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         weight = get_base_weight(self)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import full_shape
 from ..distributed import all_reduce_sum_
 from ..utils import batch_size, only_these_require_grad, output_field, strip_data_parallel, to_device, unwrap_model
 from .targets import HEAD_ROLES, Site, as_linear, attention_blocks, qkv_gradients, qkv_weights
@@ -49,7 +50,7 @@ LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 def num_sparse_values(weight: torch.Tensor, sparsity: float) -> int:
     """``S = floor(sparsity * numel(weight))``, at least 1 so a tiny layer still gets an update."""
-    return max(1, math.floor(sparsity * weight.numel()))
+    return max(1, math.floor(sparsity * full_shape(weight).numel()))
 
 
 def head_scores(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -111,7 +112,7 @@ def random_selection(model: nn.Module, config: LoRSUConfig, sites: dict[str, Sit
         for site in sites.values():
             if site.role == "fc1":
                 weight = as_linear(model.get_submodule(site.name)).weight
-                chosen = torch.randperm(weight.numel(), generator=generator)[
+                chosen = torch.randperm(full_shape(weight).numel(), generator=generator)[
                     : num_sparse_values(weight, config.sparsity)
                 ]
                 config.fc1_indices[site.name] = chosen.sort().values

@@ -32,15 +32,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from ..utils import unwrap_model
-from .targets import as_attention, as_linear, find_sites
+from .targets import TargetSpec, as_attention, as_linear, find_sites
 
-if TYPE_CHECKING:
-    from .config import LoRSUConfig
+
+class BudgetSpec(TargetSpec, Protocol):
+    """The fields of a :class:`~peft_lorsu.lorsu.config.LoRSUConfig` the closed-form count reads."""
+
+    adapt_attention: bool
+    adapt_mlp: bool
+    train_biases: bool
+    share_qkv_factor: bool
+    r: int
+    top_k_heads: int
+    sparsity: float
 
 # The paper's reference run on CLIP ViT-B/16 (r = 64, top_k_heads = 2, sparsity = 0.1): low-rank part
 # 12 * 64 * (3 * 2 * 64 + 768) + 64 * (768 + 512) = 966,656, fc1 part 12 * floor(0.1 * 3072 * 768) = 2,831,148.
@@ -85,7 +94,7 @@ class CountStructure:
         return self.bias + self.low_rank(r, k) + self.sparse(sparsity)
 
 
-def count_structure(model: nn.Module, config: LoRSUConfig) -> CountStructure:
+def count_structure(model: nn.Module, config: BudgetSpec) -> CountStructure:
     """The count's terms for ``config`` on ``model``, from the modules LoRSU would wrap (nothing is built)."""
     base = unwrap_model(model)
     sites = find_sites(base, config)
@@ -124,13 +133,13 @@ def count_structure(model: nn.Module, config: LoRSUConfig) -> CountStructure:
     return CountStructure(bias, factor, rows, tuple(fc1_sizes), min(heads, default=0), min(widths, default=0))
 
 
-def count_trainable(model: nn.Module, config: LoRSUConfig) -> int:
+def count_trainable(model: nn.Module, config: BudgetSpec) -> int:
     """Trainable parameters ``get_peft_model(model, config)`` will create, in closed form (no model is built)."""
     return count_structure(model, config).total(config.r, config.top_k_heads, config.sparsity)
 
 
 def config_for_budget(
-    config_cls: type[LoRSUConfig],
+    config_cls: type[BudgetSpec],
     model: nn.Module,
     trainable_params: int,
     attention_share: float | None = None,

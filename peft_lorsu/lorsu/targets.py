@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -31,8 +31,14 @@ from torch import nn
 
 from .families import EncoderFamily, family_of, supported_summary
 
-if TYPE_CHECKING:
-    from .config import LoRSUConfig
+
+class TargetSpec(Protocol):
+    """The fields of a :class:`~peft_lorsu.lorsu.config.LoRSUConfig` that decide which modules LoRSU wraps (the
+    finder needs no more, so it does not depend on the config class)."""
+
+    tower: str
+    layers_to_transform: list[int] | None
+    target_modules: list[str] | str | None
 
 Role = Literal["q", "k", "v", "qkv", "fc1", "projection"]
 QKV = ("q", "k", "v")
@@ -114,7 +120,7 @@ def find_towers(model: nn.Module, tower: str) -> list[Tower]:
     return [t for t in found if t.kind in kinds]
 
 
-def _no_tower_error(model: nn.Module, config: LoRSUConfig) -> ValueError:
+def _no_tower_error(model: nn.Module, config: TargetSpec) -> ValueError:
     present = find_towers(model, "both")
     if present:
         have = ", ".join(f"{t.family.name} {t.kind} tower at {t.path or '<root>'}" for t in present)
@@ -229,7 +235,7 @@ def vlm_read_layers(model: nn.Module, tower_path: str, num_layers: int) -> tuple
     return None
 
 
-def _tower_sites(model: nn.Module, tower: Tower, config: LoRSUConfig) -> dict[str, Site]:
+def _tower_sites(model: nn.Module, tower: Tower, config: TargetSpec) -> dict[str, Site]:
     module = model.get_submodule(tower.path)
     found = _layer_list(module, tower.family)
     where = f"the {tower.family.name} {tower.kind} tower {tower.path or type(module).__name__}"
@@ -282,7 +288,7 @@ def _tower_sites(model: nn.Module, tower: Tower, config: LoRSUConfig) -> dict[st
     return sites
 
 
-def _name_allowed(config: LoRSUConfig, name: str) -> bool:
+def _name_allowed(config: TargetSpec, name: str) -> bool:
     if config.target_modules is None:
         return True
     if isinstance(config.target_modules, str):
@@ -290,7 +296,7 @@ def _name_allowed(config: LoRSUConfig, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in config.target_modules)
 
 
-def find_sites(model: nn.Module, config: LoRSUConfig) -> dict[str, Site]:
+def find_sites(model: nn.Module, config: TargetSpec) -> dict[str, Site]:
     """Every module LoRSU would wrap in ``model`` under ``config``, keyed by module path (tower by tower, in order).
 
     Raises:

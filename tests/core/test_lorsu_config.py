@@ -38,7 +38,7 @@ def test_json_round_trip(tmp_path):
     [
         ({"r": 0}, r"LoRSUConfig.r must be an integer >= 1, got 0"),
         ({"r": 2.5}, r"LoRSUConfig.r must be an integer >= 1"),
-        ({"lora_alpha": 0}, r"lora_alpha must be a number > 0"),
+        ({"lora_alpha": 0}, r"lora_alpha must be a number in \(0, 1e\+06\]"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0"),
         ({"top_k_heads": 0}, r"top_k_heads must be an integer >= 1"),
         ({"sparsity": 0.0}, r"sparsity must be in \(0, 1\], got 0.0"),

@@ -136,9 +136,13 @@ class PluginTuner(BaseTuner):
             setattr(parent, child_name, new_module)
 
 
-def output_field(output: Any, name: str) -> Any:
-    """``name`` of a model output (a ``ModelOutput``, a dict or an object), ``None`` if it has none."""
-    return output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+def output_field(output: Any, name: str, model: nn.Module, fix: str) -> Any:
+    """``name`` of a model output (a ``ModelOutput``, a dict or an object); raise naming the model and ``fix`` if it
+    has none."""
+    value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+    if value is None:
+        raise ValueError(f"{type(unwrap_model(model)).__name__} returned no {name} for this batch; {fix}")
+    return value
 
 
 def check_modules_to_save(config: Any, targets: Iterable[str]) -> None:

@@ -74,14 +74,7 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     if "return_loss" in inspect.signature(unwrap_model(model).forward).parameters:
         kwargs.setdefault("return_loss", True)
         check_pairs(batch)
-    out = model(**kwargs)
-    loss = output_field(out, "loss")
-    if loss is None:
-        raise ValueError(
-            f"{type(unwrap_model(model)).__name__} returned no loss for this batch; "
-            "pass loss_fn(model, batch) -> scalar"
-        )
-    return loss
+    return output_field(model(**kwargs), "loss", model, "pass loss_fn(model, batch) -> scalar")
 
 
 class _GradientSums:

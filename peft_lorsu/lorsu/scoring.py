@@ -214,13 +214,8 @@ def per_sample_clip_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Te
     ``(CE(logits_per_image[i], i) + CE(logits_per_text[i], i)) / 2`` (it depends on the whole batch, as the loss does).
     """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "return_loss")}
-    out = model(**inputs)
-    logits = output_field(out, "logits_per_image")
-    if logits is None:
-        raise ValueError(
-            f"head_scoring='fisher': {type(unwrap_model(model)).__name__} returned no logits_per_image; pass "
-            "loss_fn(model, batch) returning the per-sample losses, a (batch_size,) tensor"
-        )
+    fix = "head_scoring='fisher' needs loss_fn(model, batch) returning the per-sample losses, a (batch_size,) tensor"
+    logits = output_field(model(**inputs), "logits_per_image", model, fix)
     if "labels" in batch:
         return F.cross_entropy(logits, batch["labels"].to(logits.device), reduction="none")
     targets = torch.arange(logits.shape[0], device=logits.device)

@@ -73,18 +73,22 @@ def test_absurd_lora_alpha_is_refused_at_construction_and_at_load(alpha, tmp_pat
     assert_untouched(base, before)
 
 
+def saved_with_one_edit(folder, suffix: str, edit) -> None:
+    """Save a random LoRSU adapter to ``folder``, then ``edit`` the first tensor whose name ends with ``suffix`` in
+    place (still a valid safetensors file) and drop the recorded hash, as for an adapter saved before it existed."""
+    get_peft_model(tiny_clip(), LoRSUConfig(r=2, selection="random")).save_pretrained(folder)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    edit(tensors[next(k for k in tensors if k.endswith(suffix))])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "weights_sha256": None}))
+
+
 def test_repeated_fc1_indices_are_refused(tmp_path):
     with pytest.raises(ValueError, match="strictly ascending"):
         SparseLinear(torch.nn.Linear(4, 4), "default", num_values=3, indices=torch.tensor([1, 1, 5]))
-    peft_model = get_peft_model(tiny_clip(), LoRSUConfig(r=2, selection="random"))
-    peft_model.save_pretrained(tmp_path)
-    weights = tmp_path / "adapter_model.safetensors"
-    tensors = load_file(weights)
-    key = next(k for k in tensors if k.endswith("lorsu_indices"))
-    tensors[key][1] = tensors[key][0]  # a repeated entry, still inside fc1
-    save_file(tensors, weights, metadata={"format": "pt"})
-    forget = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**forget, "weights_sha256": None}))
+    saved_with_one_edit(tmp_path, "lorsu_indices", lambda t: t.__setitem__(1, t[0]))  # repeated, still inside fc1
     base = tiny_clip()
     before = snapshot(base)
     with pytest.raises(ValueError, match="strictly ascending"):
@@ -93,15 +97,7 @@ def test_repeated_fc1_indices_are_refused(tmp_path):
 
 
 def test_weights_that_overflow_the_model_dtype_are_refused(tmp_path):
-    peft_model = get_peft_model(tiny_clip(), LoRSUConfig(r=2, selection="random"))
-    peft_model.save_pretrained(tmp_path)
-    weights = tmp_path / "adapter_model.safetensors"
-    tensors = load_file(weights)
-    key = next(k for k in tensors if k.endswith("lorsu_values"))
-    tensors[key][0] = 1e6  # finite in float32, inf in float16
-    save_file(tensors, weights, metadata={"format": "pt"})
-    forget = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**forget, "weights_sha256": None}))
+    saved_with_one_edit(tmp_path, "lorsu_values", lambda t: t.__setitem__(0, 1e6))  # finite in fp32, inf in fp16
     half = tiny_clip().half()
     before = snapshot(half)
     with pytest.raises(ValueError, match=r"beyond the torch.float16 range"):

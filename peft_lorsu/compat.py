@@ -19,6 +19,11 @@ peft:
   :func:`move_adapter_to_base_device`, the 0.21 behaviour, on every version.
 - The base-weight accessors ``get_base_weight`` / ``set_base_weight`` (which dequantise) exist from peft 0.20;
   :func:`get_base_weight` / :func:`set_base_weight` fall back to ``weight.data`` before that.
+- peft < 0.20 returns from ``get_peft_model_state_dict(model, adapter_name=name)``, for a tuner that is not built
+  in, the tensors of *every* adapter of the model: the other adapters' keep their adapter name at the end of the key
+  (``...lorsu_U.other``), and ``save_pretrained`` writes them into each adapter's file (peft 0.20 filters them out).
+  :func:`adapter_state_dict` drops them, the 0.20 way, and drops them from a file such a peft wrote, so the
+  plugin's loading check compares only the adapter's own tensors.
 - peft < 0.21 selects a tuner's tensors (to freeze, and to save) by its prefix appearing in their names. The joint
   LoRSU + RLP tuner's tensors keep the names of its two parts, so it needs peft >= 0.21
   (:data:`STRUCTURAL_STATE_DICT`); it says so when used on an older peft.
@@ -38,7 +43,7 @@ import torch
 from packaging.version import Version
 from peft import mapping as _peft_mapping
 from peft.tuners._buffer_dict import BufferDict
-from peft.utils import register_peft_method
+from peft.utils import get_peft_model_state_dict, register_peft_method
 from peft.utils.peft_types import PeftType
 from torch import nn
 
@@ -49,6 +54,7 @@ __all__ = [
     "STRUCTURAL_STATE_DICT",
     "BufferDict",
     "PeftType",
+    "adapter_state_dict",
     "add_peft_type",
     "get_base_weight",
     "move_adapter_to_base_device",
@@ -60,6 +66,8 @@ __all__ = [
 PEFT_VERSION = Version(version("peft"))
 # peft >= 0.21 finds a tuner's tensors structurally (every tensor of a tuner layer but its base layer)
 STRUCTURAL_STATE_DICT = PEFT_VERSION >= Version("0.21")
+# peft < 0.20 returns (and saves) every adapter's tensors as the state dict of one adapter of a plugin tuner
+OTHER_ADAPTERS_IN_STATE_DICT = PEFT_VERSION < Version("0.20")
 
 
 def add_peft_type(name: str) -> PeftType:
@@ -152,3 +160,19 @@ def move_adapter_to_base_device(
         item = container[adapter_name]
         floating = getattr(item, "dtype", torch.float32).is_floating_point
         container[adapter_name] = item.to(target, dtype=dtype) if dtype is not None and floating else item.to(target)
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str, saved: dict | None = None) -> tuple[dict, dict | None]:
+    """``get_peft_model_state_dict(model, adapter_name=adapter_name)`` without other adapters' tensors, and ``saved``
+    (an adapter file's tensors, optional) without the other adapters' tensors a peft < 0.20 wrote into it.
+
+    peft < 0.20 returns the model's other adapters' tensors too, their keys ending in ``.<their name>`` (or holding
+    ``.<their name>.``); they are dropped the way peft 0.20 does. In a file it wrote, they are one of this adapter's
+    keys followed by ``.<another name>``. On peft >= 0.20 nothing is dropped: such a key in a file is refused.
+    """
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    if OTHER_ADAPTERS_IN_STATE_DICT:
+        others = tuple(f".{name}" for name in model.peft_config if name != adapter_name)
+        state = {k: v for k, v in state.items() if not k.endswith(others) and not any(f"{o}." in k for o in others)}
+        saved = saved and {k: v for k, v in saved.items() if k in state or k.rpartition(".")[0] not in state}
+    return state, saved

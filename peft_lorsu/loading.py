@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from huggingface_hub import hf_hub_download
 from peft import PeftConfig, PeftModel
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import set_peft_model_state_dict
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .compat import adapter_state_dict
 from .config import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def rehearse_load(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             shadow = PeftModel(shadow_copy(model), copy.deepcopy(config), adapter_name=name)
-            expected = get_peft_model_state_dict(shadow, adapter_name=name)
+            expected, tensors = adapter_state_dict(shadow, name, tensors)
     except ValueError as exc:  # the saved config does not fit the model (the real injection would raise the same)
         raise ValueError(f"{refusal}: {exc}") from exc
     problems = compare_state(expected, tensors, model)

@@ -11,9 +11,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import CLIPModel, CLIPTokenizer  # noqa: E402
 
+from peft_lorsu import compat  # noqa: E402
 from peft_lorsu.app.models import CLIP_TOKENIZER, tiny_clip_config  # noqa: E402  (the one tiny-CLIP builder)
 
 VOCAB = 99  # the small vocabulary of tiny_clip_config(real_vocab=False)
+
+# The joint LoRSU + RLP tuner is refused on peft < 0.21 (compat.STRUCTURAL_STATE_DICT); tests/core/test_compat.py
+# checks that refusal, the tests that use the joint adapter skip there.
+needs_structural_peft = pytest.mark.skipif(
+    not compat.STRUCTURAL_STATE_DICT,
+    reason=f"the joint LoRSU+RLP adapter needs peft >= 0.21, found peft {compat.PEFT_VERSION}",
+)
 
 
 def tiny_clip(seed: int = 0, **kwargs) -> CLIPModel:

@@ -150,9 +150,9 @@ _BUILTIN = (
         qkv=(("q_proj", "k_proj", "v_proj"), ("query", "key", "value")),
         num_heads=("num_attention_heads", "num_heads"),
         head_dim=("head_dim", "attention_head_size"),
-        fc1=("mlp.fc1", "mlp.up_proj"),
+        fc1=("mlp.fc1", "mlp.up_proj", "mlp.weights_in"),
         notes="Dinov2Model, Dinov2Backbone, Dinov2ForImageClassification, DINOv2 with registers; the SwiGLU MLP's "
-        "up_proj plays fc1",
+        "up_proj plays fc1 (before transformers 5, its fused gate-and-up weights_in)",
     ),
     EncoderFamily(
         name="openclip",

@@ -231,6 +231,9 @@ def _train_trainer(model: nn.Module, samples: list[dict[str, torch.Tensor]], sav
     from transformers import Trainer, TrainingArguments
 
     initial = adapter_state(model)
+    # the one-process reference reads the samples in order: transformers >= 5 says so with train_sampling_strategy,
+    # 4.x has no such argument and its Trainer always shuffles (SequentialTrainer below)
+    sequential = "train_sampling_strategy" in TrainingArguments.__dataclass_fields__
     args = TrainingArguments(
         output_dir=str(save_dir.parent / f"{save_dir.name}-run"),
         per_device_train_batch_size=BATCH,
@@ -240,7 +243,7 @@ def _train_trainer(model: nn.Module, samples: list[dict[str, torch.Tensor]], sav
         lr_scheduler_type="constant",
         weight_decay=0.0,
         max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
+        **({"train_sampling_strategy": "sequential"} if sequential else {}),
         label_names=[],
         remove_unused_columns=False,
         use_cpu=True,
@@ -253,7 +256,8 @@ def _train_trainer(model: nn.Module, samples: list[dict[str, torch.Tensor]], sav
         dataloader_num_workers=0,
         seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collate)
+    trainer_cls = Trainer if sequential else _sequential_trainer(Trainer)
+    trainer = trainer_cls(model=model, args=args, train_dataset=samples, data_collator=collate)
     result = trainer.train()
     trainer.save_model(str(save_dir))
     trainer.accelerator.wait_for_everyone()
@@ -264,6 +268,18 @@ def _train_trainer(model: nn.Module, samples: list[dict[str, torch.Tensor]], sav
         "wrapper": type(trainer.model_wrapped).__name__,
         **_after_training(model, initial, save_dir, lambda: PeftModel.from_pretrained(tiny_clip(), save_dir)),
     }
+
+
+def _sequential_trainer(trainer_cls: type) -> type:
+    """transformers 4.x: a Trainer reading the training set in order (what 5.x's train_sampling_strategy selects)."""
+
+    class SequentialTrainer(trainer_cls):
+        def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler:
+            return torch.utils.data.SequentialSampler(
+                train_dataset if train_dataset is not None else self.train_dataset
+            )
+
+    return SequentialTrainer
 
 
 def _after_training(

@@ -23,6 +23,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_lorsu import LoRSUConfig, LoRSULayer, probe_lorsu
+from peft_lorsu.compat import pooled_features
 from peft_lorsu.lorsu import EncoderFamily, HeadLoRAInProjection, register_encoder_family, unregister_encoder_family
 from peft_lorsu.lorsu.families import FAMILIES
 from peft_lorsu.lorsu.targets import HEAD_ROLES, find_sites
@@ -183,20 +184,34 @@ class Case:
     build: Callable[[], nn.Module]
     batches: Callable[[], list[dict]]
     output: Callable[[nn.Module, dict], torch.Tensor]
-    layer_list: str  # path of the encoder's layer list
-    attention: str = "self_attn"  # attention block inside a layer (its path is a key of selected_heads)
-    fc1: str = "mlp.fc1"  # the MLP's first linear inside a layer
+    # Paths of the encoder's layer list, the attention block inside a layer (its path is a key of selected_heads)
+    # and the MLP's first linear inside a layer. A tuple lists the layouts of several transformers releases (4.x wraps
+    # CLIPVisionModel / CLIPTextModel in .vision_model / .text_model, ViT and DINOv2 nest attention.attention, DINOv2's
+    # SwiGLU MLP has a fused weights_in); the first one the model has is expected.
+    layer_list: str | tuple[str, ...]
+    attention: str | tuple[str, ...] = "self_attn"
+    fc1: str | tuple[str, ...] = "mlp.fc1"
     layers: int = LAYERS  # layers LoRSU adapts
     loss: Callable | None = None
     config: dict = field(default_factory=dict)
     projection: str | None = None
     fused: bool = False
 
-    def blocks(self) -> list[str]:
-        return [f"{self.layer_list}.{i}.{self.attention}" for i in range(self.layers)]
+    def blocks(self, model: nn.Module) -> list[str]:
+        layers = _present(model, self.layer_list)
+        attention = _present(model, self.attention, f"{layers}.0.")
+        return [f"{layers}.{i}.{attention}" for i in range(self.layers)]
 
-    def fc1s(self) -> list[str]:
-        return [f"{self.layer_list}.{i}.{self.fc1}" for i in range(self.layers)]
+    def fc1s(self, model: nn.Module) -> list[str]:
+        layers = _present(model, self.layer_list)
+        return [f"{layers}.{i}.{_present(model, self.fc1, f'{layers}.0.')}" for i in range(self.layers)]
+
+
+def _present(model: nn.Module, options: str | tuple[str, ...], prefix: str = "") -> str:
+    """The first of ``options`` that names a submodule of ``model`` (under ``prefix``)."""
+    options = (options,) if isinstance(options, str) else options
+    names = {name for name, _ in model.named_modules()}
+    return next((o for o in options if f"{prefix}{o}" in names), options[0])
 
 
 CLIP_CONFIG = tf.CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=16)
@@ -226,7 +241,7 @@ CASES = {
         seeded(lambda: tf.CLIPVisionModel(CLIP_CONFIG.vision_config)),
         pixels,
         lambda m, b: m(**b).pooler_output,
-        "encoder.layers",
+        ("encoder.layers", "vision_model.encoder.layers"),
         loss=pooled_regression,
     ),
     "clip-vision-projection": Case(
@@ -241,7 +256,7 @@ CASES = {
         seeded(lambda: tf.CLIPTextModel(CLIP_CONFIG.text_config)),
         lambda: [{"input_ids": b["input_ids"]} for b in image_text()],
         lambda m, b: m(**b).pooler_output,
-        "encoder.layers",
+        ("encoder.layers", "text_model.encoder.layers"),
         layers=2,
         loss=pooled_regression,
         config={"tower": "text"},
@@ -252,30 +267,31 @@ CASES = {
         seeded(lambda: tf.ViTForImageClassification(tf.ViTConfig(**VISION, num_labels=3))),
         labelled,
         lambda m, b: m(**b).logits,
-        "vit.layers",
-        attention="attention",
+        ("vit.layers", "vit.encoder.layer"),
+        attention=("attention.attention", "attention"),
+        fc1=("mlp.fc1", "intermediate.dense"),
     ),
     "dinov2": Case(
         seeded(lambda: tf.Dinov2ForImageClassification(tf.Dinov2Config(**VISION, num_labels=3))),
         labelled,
         lambda m, b: m(**b).logits,
         "dinov2.encoder.layer",
-        attention="attention",
+        attention=("attention.attention", "attention"),
     ),
     "dinov2-swiglu": Case(
         seeded(lambda: tf.Dinov2Model(tf.Dinov2Config(**VISION, use_swiglu_ffn=True))),
         pixels,
         lambda m, b: m(**b).pooler_output,
         "encoder.layer",
-        attention="attention",
-        fc1="mlp.up_proj",
+        attention=("attention.attention", "attention"),
+        fc1=("mlp.up_proj", "mlp.weights_in"),
         loss=pooled_regression,
     ),
     "llava": Case(
         tiny_llava_model,
         llava_batches,
         lambda m, b: m(**b).logits,
-        "model.vision_tower.encoder.layers",
+        ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
         layers=LAYERS - 1,  # vision_feature_layer=-2: the last layer's output is never read
         config={"share_qkv_factor": False, "init_weights": "lora", "adapt_projection": False, "train_biases": False},
     ),
@@ -373,8 +389,8 @@ def test_sites_follow_the_family(name):
     model = case.build()
     sites = find_sites(model, make_config(case, selection="random"))
     blocks = sorted({s.block for s in sites.values() if s.role in HEAD_ROLES})
-    assert blocks == case.blocks()
-    assert sorted(s.name for s in sites.values() if s.role == "fc1") == case.fc1s()
+    assert blocks == case.blocks(model)
+    assert sorted(s.name for s in sites.values() if s.role == "fc1") == case.fc1s(model)
     roles = {s.role for s in sites.values()}
     assert roles == ({"qkv", "fc1"} if case.fused else {"q", "k", "v", "fc1"}) | (
         {"projection"} if case.projection else set()
@@ -389,7 +405,7 @@ def test_probe_wrap_train_save_merge(name, tmp_path):
     model, batches = case.build(), case.batches()
     config = probe_lorsu(model, make_config(case), batches, loss_fn=case.loss, show_progress=False)
     sites = find_sites(model, config)
-    assert sorted(config.selected_heads) == case.blocks()
+    assert sorted(config.selected_heads) == case.blocks(model)
     assert all(
         len(h) == 2 and len(s) == HEADS for h, s in zip(config.selected_heads.values(), config.head_scores.values())
     )
@@ -699,7 +715,7 @@ def test_rlp_on_siglip_text_tower(tmp_path):
     layer = peft_model.base_model.model.text_model.embeddings
     assert layer.context_start == 0
     ids = siglip_prompts()
-    text = lambda m: m.get_text_features(input_ids=ids).pooler_output  # noqa: E731
+    text = lambda m: pooled_features(m.get_text_features(input_ids=ids))  # noqa: E731
     with torch.no_grad():
         assert torch.allclose(text(peft_model), text(base), atol=1e-6)  # P starts at the init text's embeddings
         layer.rlp_B["default"].normal_()

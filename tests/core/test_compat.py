@@ -8,7 +8,8 @@ import importlib
 import pytest
 import torch
 from conftest import tiny_clip
-from peft import PeftModel, get_peft_model
+from packaging.version import Version
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -82,6 +83,21 @@ def test_pooled_features_of_both_transformers_forms():
     assert compat.pooled_features(BaseModelOutputWithPooling(pooler_output=features)) is features
     out = tiny_clip().get_image_features(pixel_values=torch.randn(1, 3, 16, 16))
     assert compat.pooled_features(out).shape == (1, 16)
+
+
+def test_adapter_state_dict_holds_one_adapter_and_files_of_old_peft_are_read_without_the_others():
+    model = get_peft_model(tiny_clip(), peft_lorsu.LoRSUConfig(r=2, selection="random"), adapter_name="ad")
+    model.add_adapter("ad2", peft_lorsu.LoRSUConfig(r=2, selection="random", seed=1))
+    own, _ = compat.adapter_state_dict(model, "ad")
+    assert own and not any(k.endswith((".ad", ".ad2")) or ".ad2." in k for k in own)
+    assert set(own) == set(compat.adapter_state_dict(model, "ad2")[0])
+    # peft < 0.20 also returns (and saves) the other adapter's tensors, under <key>.ad2
+    returned = set(get_peft_model_state_dict(model, adapter_name="ad"))
+    assert returned == (set(own) | {f"{k}.ad2" for k in own} if compat.OTHER_ADAPTERS_IN_STATE_DICT else set(own))
+    leaked = {**own, **{f"{k}.ad2": v for k, v in own.items()}}  # a file written by such a peft
+    _, kept = compat.adapter_state_dict(model, "ad", leaked)
+    assert set(kept) == (set(own) if compat.OTHER_ADAPTERS_IN_STATE_DICT else set(leaked))
+    assert compat.OTHER_ADAPTERS_IN_STATE_DICT == (compat.PEFT_VERSION < Version("0.20"))
 
 
 def test_joint_adapter_names_the_peft_version_it_needs(monkeypatch):

@@ -35,6 +35,8 @@ def process_group():
     if deepspeed.get_accelerator().device_name() != "cpu":
         pytest.skip("these checks run on DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu)")
     deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    torch.distributed.destroy_process_group()  # later tests expect no process group
 
 
 def ds_config(stage: int) -> dict:

@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import clip_tokenizer, tiny_clip
+from conftest import clip_tokenizer, needs_structural_peft, tiny_clip
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import peft_lorsu  # noqa: F401  (registers LORSU, RLP and LORSU_RLP)
 from peft_lorsu import LoRSUConfig, LoRSURLPConfig, RLPConfig, ZeroShotClassifier, probe_lorsu
 from peft_lorsu.app.training import fit
+from peft_lorsu.compat import pooled_features
 from peft_lorsu.joint import save_parts, trainable_parameters_by_part
 from peft_lorsu.lorsu.budget import count_trainable
 from peft_lorsu.trainer import ClassPromptCollator, class_prompt_probe_loss
@@ -43,8 +44,8 @@ def joint_config(model, tokenizer, batches) -> LoRSURLPConfig:
 def features(model, pixel_values, prompt_ids):
     with torch.no_grad():
         return (
-            model.get_image_features(pixel_values=pixel_values).pooler_output,
-            model.get_text_features(input_ids=prompt_ids).pooler_output,
+            pooled_features(model.get_image_features(pixel_values=pixel_values)),
+            pooled_features(model.get_text_features(input_ids=prompt_ids)),
         )
 
 
@@ -78,6 +79,7 @@ def test_peft_mixed_model_refuses_the_plugin_types():
         get_peft_model(clip(), LoRSUConfig(r=4, selection="random"), mixed=True)
 
 
+@needs_structural_peft
 def test_counts_are_the_sum_of_both_parts():
     tokenizer = clip_tokenizer()
     model = clip()
@@ -90,6 +92,7 @@ def test_counts_are_the_sum_of_both_parts():
     assert type(peft_model.base_model).__name__ == "LoRSURLPModel"
 
 
+@needs_structural_peft
 def test_joint_training_changes_both_parts_and_only_them(trained):
     peft_model, before, _, _ = trained
     changed = {n for n, p in peft_model.named_parameters() if not torch.equal(p, before[n])}
@@ -98,6 +101,7 @@ def test_joint_training_changes_both_parts_and_only_them(trained):
     assert all(".lorsu_" in n or ".rlp_" in n for n in changed), "a frozen weight changed"
 
 
+@needs_structural_peft
 def test_save_load_is_bit_identical(trained, tmp_path):
     peft_model, _, batches, tokenizer = trained
     saved = json.loads((tmp_path / "joint" / "adapter_config.json").read_text())
@@ -119,6 +123,7 @@ def test_save_load_is_bit_identical(trained, tmp_path):
     assert loaded.get_nb_trainable_parameters()[0] == 0  # loaded for inference
 
 
+@needs_structural_peft
 def test_each_part_loads_alone(trained, tmp_path):
     peft_model, _, batches, _ = trained
     folders = save_parts(peft_model, tmp_path / "parts")
@@ -134,6 +139,7 @@ def test_each_part_loads_alone(trained, tmp_path):
     assert torch.equal(image, base_image) and torch.equal(text, joint_text)
 
 
+@needs_structural_peft
 def test_merge_and_unload_folds_both_parts(trained):
     peft_model, _, batches, _ = trained
     pixels, prompts = batches[0]["pixel_values"], batches[0]["input_ids"]
@@ -162,6 +168,7 @@ def test_config_errors_name_the_part():
     assert isinstance(restored.lorsu, LoRSUConfig) and restored.lorsu.r == 4 and restored.rlp.init_token_ids == ids
 
 
+@needs_structural_peft
 def test_fit_trains_each_part_at_its_own_learning_rate():
     tokenizer = clip_tokenizer()
     model = clip()

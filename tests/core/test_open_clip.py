@@ -57,7 +57,10 @@ class _TorchvisionStub:
 
 def _import_open_clip():
     if importlib.util.find_spec("open_clip") is None:
-        pytest.skip("open-clip-torch is not installed (pip install --no-deps open-clip-torch timm ftfy)")
+        pytest.skip(
+            "open-clip-torch is not installed (pip install --no-deps open-clip-torch timm ftfy)",
+            allow_module_level=True,
+        )
     if importlib.util.find_spec("torchvision") is not None:
         return pytest.importorskip("open_clip")
     finder = _TorchvisionStub()

@@ -10,10 +10,15 @@ from conftest import clip_batches, tiny_clip, tiny_clip_config
 from transformers import CLIPVisionModel
 
 from peft_lorsu import LoRSUConfig, probe_lorsu
+from peft_lorsu.compat import pooled_features
 from peft_lorsu.lorsu.scoring import head_scores, top_k_indices, top_s_entries
 
 # Planted answer per vision layer: (head, fc1 rows). d=32, H=4 (d_h=8), fc1 m=64.
 PLANTED = {0: (3, range(40, 48)), 1: (1, range(8, 16))}
+# The tiny CLIP the planted answers are found in. The same seed draws other weights under transformers 4.x and 5.x;
+# with some draws the planted terms of layer 1, flowing back, reach a few fc1 rows of layer 0 outside the planted ones.
+# Seed 3 gives a model where every planted answer stands out on both (checked: 4.57.6 and 5.25.0).
+PLANTED_SEED = 3
 
 
 def planted_loss(model, batch):
@@ -37,7 +42,7 @@ def planted_loss(model, batch):
 
 
 def test_probe_finds_planted_heads_and_fc1_entries():
-    model = tiny_clip()
+    model = tiny_clip(PLANTED_SEED)
     config = probe_lorsu(
         model,
         LoRSUConfig(r=4, top_k_heads=1, sparsity=0.05),
@@ -107,8 +112,9 @@ def test_probe_on_bare_vision_model():
         loss_fn=lambda m, b: m(**b).pooler_output.pow(2).mean(),
         show_progress=False,
     )
-    assert set(config.selected_heads) == {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn"}
-    assert set(config.fc1_indices) == {"encoder.layers.0.mlp.fc1", "encoder.layers.1.mlp.fc1"}
+    tower = "vision_model." if hasattr(model, "vision_model") else ""  # transformers >= 5.6 flattens the model
+    assert set(config.selected_heads) == {f"{tower}encoder.layers.0.self_attn", f"{tower}encoder.layers.1.self_attn"}
+    assert set(config.fc1_indices) == {f"{tower}encoder.layers.0.mlp.fc1", f"{tower}encoder.layers.1.mlp.fc1"}
 
 
 def test_random_selection_is_seeded():
@@ -148,7 +154,7 @@ def test_probe_errors_and_restores_state_on_failure():
             model,
             LoRSUConfig(),
             clip_batches(),
-            loss_fn=lambda m, b: m.get_text_features(input_ids=b["input_ids"]).pooler_output.sum(),
+            loss_fn=lambda m, b: pooled_features(m.get_text_features(input_ids=b["input_ids"])).sum(),
             show_progress=False,
         )
 

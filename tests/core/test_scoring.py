@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import clip_batches, tiny_clip
-from test_probe import PLANTED, planted_loss
+from test_probe import PLANTED, PLANTED_SEED, planted_loss
 
 from peft_lorsu import LoRSUConfig, probe_lorsu
 from peft_lorsu.lorsu.scoring import HeadStatistics, per_sample_clip_loss
@@ -37,7 +37,8 @@ def class_batches(n: int, batch_size: int, seed: int = 0) -> list[dict]:
 
 def probe(strategy: str, data=None, loss_fn=planted_per_sample_loss, **kwargs) -> LoRSUConfig:
     config = LoRSUConfig(r=4, top_k_heads=1, sparsity=0.05, head_scoring=strategy, **kwargs)
-    return probe_lorsu(tiny_clip(), config, data or clip_batches(), loss_fn=loss_fn, show_progress=False)
+    model = tiny_clip(PLANTED_SEED if loss_fn is planted_per_sample_loss else 0)
+    return probe_lorsu(model, config, data or clip_batches(), loss_fn=loss_fn, show_progress=False)
 
 
 @pytest.mark.parametrize("strategy", ["gradient", "fisher"])

@@ -171,11 +171,14 @@ def optimizer_state(trainer: Trainer, model) -> dict[str, dict[str, torch.Tensor
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     plain_model, plain = contrastive_run(tmp_path / "plain")
     plain.train()
-    # transformers 5.x names the argument activation_checkpointing (gradient_checkpointing is its deprecated alias),
-    # 4.x has only gradient_checkpointing
-    fields = TrainingArguments.__dataclass_fields__
-    flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    ckpt_model, ckpt = contrastive_run(tmp_path / "ckpt", **{flag: True})
+    # transformers 5.x names the argument activation_checkpointing (gradient_checkpointing is its deprecated alias);
+    # 4.x has only gradient_checkpointing, and checkpoints with use_reentrant=True unless told otherwise, which gives
+    # no gradient to the parameters inside a layer whose inputs (pixels) need none
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        checkpointing = {"activation_checkpointing": True}
+    else:
+        checkpointing = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    ckpt_model, ckpt = contrastive_run(tmp_path / "ckpt", **checkpointing)
     ckpt.train()
     assert ckpt_model.base_model.model.vision_model.encoder.gradient_checkpointing
     a, b = adapter_state(plain_model), adapter_state(ckpt_model)

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "peft_lorsu"
-CORE_BUDGET = 3700  # code lines of the core (issue 16 asked for "about 3.5K")
+CORE_BUDGET = 3750  # code lines of the core (issue 16 asked for "about 3.5K")
 MODULE_BUDGET = 400  # physical lines of the largest module
 # The only module allowed to name peft's private modules / functions (each use is explained there).
 COMPAT = PACKAGE / "compat.py"

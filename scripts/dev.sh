@@ -48,7 +48,7 @@ case "$command" in
         exec "${VENV:-.venv}/bin/python" -m pytest -q tests/core/test_deepspeed.py tests/core/test_open_clip.py "$@"
         ;;
     oldest)
-        setup "${VENV:-.venv-oldest}" -e . "${OLDEST[@]}" "pytest>=8" "hypothesis>=6.100"
+        setup "${VENV:-.venv-oldest}" -e . "${OLDEST[@]}" "pytest>=8" "hypothesis>=6.100" "pillow>=10"
         exec "${VENV:-.venv-oldest}/bin/python" -m pytest -q tests/core -m "not slow" "$@"
         ;;
     *)

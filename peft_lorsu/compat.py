@@ -1,6 +1,6 @@
 """The one module that reaches into peft and transformers where they offer no public way, with the versions named.
 
-Everything else in the package uses public names only. Each entry says why it is here; ``tests/test_compat.py``
+Everything else in the package uses public names only. Each entry says why it is here; ``tests/core/test_compat.py``
 checks every one of them against the installed versions, and CI runs that test with the oldest and the newest
 peft / transformers pair the package declares.
 

@@ -26,7 +26,8 @@ from typing import Any
 
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-CARD = "README.md"
+from .hub import CARD
+
 # The order of the renames: weights first, the config (which records the weights' hash) last.
 ORDER = (SAFETENSORS_WEIGHTS_NAME, CARD, CONFIG_NAME)
 TEMP_MARK = ".peft-lorsu-tmp-"

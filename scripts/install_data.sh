@@ -61,7 +61,7 @@ if ! have_module peft_lorsu; then
 fi
 "$PYTHON" - <<'PY'
 import torch
-from peft_lorsu import datasets as D
+from peft_lorsu.app import data as D
 
 for name in ("fashion_mnist", "animal_mnist", "digits"):
     data = D.load_image_dataset(name, "test")

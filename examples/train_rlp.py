@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 class PromptArguments:
     init_text: str = field(default="a photo of a", metadata={"help": "Initial context (P_fr)."})
     rank: int = field(default=1, metadata={"help": "Rank r of P_A @ P_B."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the low-rank branch."})
+    dropout: float | None = field(
+        default=None, metadata={"help": "Dropout on the low-rank branch (default: RLPConfig's, 0.5; 0 for full_rank)."}
+    )
     mode: str = field(default="low_rank", metadata={"help": "'low_rank' (RLP) or 'full_rank' (CoOp)."})
 
 

@@ -126,6 +126,8 @@ class RLPLayer(BaseTunerLayer):
             self.rlp_A[adapter_name] = nn.Parameter(p_a)
             self.rlp_B[adapter_name] = nn.Parameter(p_b)
         self.rlp_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # peft leaves new modules in train mode: follow the wrapped module, so a model in eval mode stays deterministic
+        self.rlp_dropout[adapter_name].train(self.get_base_layer().training)
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)

@@ -104,7 +104,8 @@ def rlp_model():
 
     model = tiny_clip()
     torch.manual_seed(1)
-    return get_peft_model(model, RLPConfig(init_token_ids=RLP_CTX, rank=1))
+    # dropout off: every rank draws its own mask, so DDP training could not equal the one-process reference
+    return get_peft_model(model, RLPConfig(init_token_ids=RLP_CTX, rank=1, dropout=0.0))
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -2,10 +2,10 @@
 """LoRSU-Ppl: adapt the vision tower of a LLaVA model through the language model's next-token loss on VQA data.
 
 What it shows: the paper's VLM variant (`lorsu_ppl_config`: separate q/k/v factors, PEFT-style init, no projection
-adapter, frozen biases), a chat-template collator whose labels cover the answer only (`VQACollator`), the gradient
-probe through the VLM's own loss, training with a plain loop while the language model and projector stay frozen, and
-save / reload / merge. Only the vision layers whose output LLaVA reads (`vision_feature_layer`, default -2) are
-adapted.
+adapter, fc1's bias trained and the q/k/v biases frozen), a chat-template collator whose labels cover the answer only
+(`VQACollator`), the gradient probe through the VLM's own loss, training with a plain loop while the language model
+and projector stay frozen, and save / reload / merge. Only the vision layers whose output LLaVA reads
+(`vision_feature_layer`, default -2) are adapted.
 
 How long: `--dry_run` (a tiny random LLaVA built in code, synthetic "what color is the square?" data) takes seconds.
 

@@ -4,7 +4,8 @@ For a model and a config (towers, layers, which parts are on) the count is
 
     total(r, k, s) = bias + r * (factor + k * rows) + sum_j max(1, floor(s * numel_j))
 
-- ``bias``: the dense bias deltas (``train_biases``): ``d`` per q / k / v, ``m`` per fc1 (``3d`` per fused qkv);
+- ``bias``: the dense bias deltas (``train_biases``): ``d`` per q / k / v (``3d`` per fused qkv) when it trains
+  ``"attention"``, ``m`` per fc1 when it trains ``"mlp"``;
 - ``r * factor``: the input-side factors ``V`` (``r x d`` per attention block when q / k / v share it, per projection
   otherwise) plus the output projection's update ``r * (d + o)``;
 - ``r * k * rows``: the output-side factors ``U``, ``d_h`` rows per selected head in each of q, k and v;
@@ -37,7 +38,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from ..utils import unwrap_model
-from .targets import TargetSpec, as_attention, as_linear, find_sites
+from .targets import TargetSpec, as_attention, as_linear, find_sites, trains_bias
 
 
 class BudgetSpec(TargetSpec, Protocol):
@@ -45,7 +46,7 @@ class BudgetSpec(TargetSpec, Protocol):
 
     adapt_attention: bool
     adapt_mlp: bool
-    train_biases: bool
+    train_biases: bool | list[str]
     share_qkv_factor: bool
     r: int
     top_k_heads: int
@@ -105,7 +106,7 @@ def count_structure(model: nn.Module, config: BudgetSpec) -> CountStructure:
         module = base.get_submodule(site.name)
         if site.role in ("q", "k", "v"):
             linear = as_linear(module)
-            bias += linear.out_features if config.train_biases else 0
+            bias += linear.out_features if trains_bias(config, "attention") else 0
             if attention:
                 rows += site.head_dim
                 if not config.share_qkv_factor or site.block not in owners:
@@ -115,7 +116,7 @@ def count_structure(model: nn.Module, config: BudgetSpec) -> CountStructure:
                 widths.append(linear.in_features)
         elif site.role == "qkv":
             width = as_attention(module).embed_dim
-            bias += 3 * width if config.train_biases else 0
+            bias += 3 * width if trains_bias(config, "attention") else 0
             if attention:
                 rows += 3 * site.head_dim
                 factor += width * (1 if config.share_qkv_factor else 3)
@@ -123,7 +124,7 @@ def count_structure(model: nn.Module, config: BudgetSpec) -> CountStructure:
                 widths.append(width)
         elif site.role == "fc1":
             linear = as_linear(module)
-            bias += linear.out_features if config.train_biases else 0
+            bias += linear.out_features if trains_bias(config, "mlp") else 0
             if config.adapt_mlp:
                 fc1_sizes.append(linear.in_features * linear.out_features)
         else:  # projection: an unmasked rank-r update, no bias delta

@@ -15,6 +15,7 @@ from ..config import PluginConfig
 from ..utils import is_int as _is_int
 from ..utils import is_number as _is_number
 from .budget import config_for_budget
+from .targets import BIAS_PARTS
 
 PEFT_TYPE = add_peft_type("LORSU")
 MAX_LORA_ALPHA = 1e6
@@ -23,7 +24,7 @@ TOWERS = ("vision", "text", "both")
 SELECTIONS = ("gradient", "random")
 HEAD_SCORINGS = ("gradient", "fisher", "random", "custom")
 INIT_CHOICES = (True, False, "lorsu", "lora")
-FLAGS = ("adapt_attention", "adapt_mlp", "adapt_projection", "train_biases", "share_qkv_factor")
+FLAGS = ("adapt_attention", "adapt_mlp", "adapt_projection", "share_qkv_factor")
 
 
 @dataclass
@@ -65,15 +66,21 @@ class LoRSUConfig(PluginConfig):
         adapt_projection (`bool`, defaults to `True`):
             Apply an unmasked rank-``r`` update to the tower's output projection (``visual_projection`` /
             ``text_projection``) when the model has one. On in the reference run.
-        train_biases (`bool`, defaults to `True`):
-            Train dense bias deltas of q, k, v (all heads) and fc1. On in the reference run.
+        train_biases (`bool` or `list[str]`, defaults to `True`):
+            Train dense bias deltas: ``True`` for q, k, v (all heads) and fc1 (the reference run), ``False`` for none,
+            or a list of the parts whose biases train, from ``"attention"`` (q, k, v) and ``"mlp"`` (fc1); e.g.
+            ``["mlp"]`` is the authors' VLM run (:func:`~peft_lorsu.lorsu.lorsu_ppl_config`). Saved as given; a list
+            is kept in the order ``["attention", "mlp"]`` without repeats.
         share_qkv_factor (`bool`, defaults to `True`):
             One input-side factor ``V`` (r x d) shared by q, k and v, as in the paper. ``False`` gives each projection
             its own factor (the VLM variant of the paper).
         init_weights (`bool` or `str`, defaults to `True`):
-            ``"lorsu"``: output-side factor ``U`` Kaiming-uniform, input-side ``V`` zero (the reference).
-            ``"lora"``: ``V`` Kaiming-uniform and ``U`` zero (PEFT's usual layout). ``True`` picks ``"lorsu"`` with a
-            shared factor and ``"lora"`` with separate ones. ``False`` makes every update non-zero at init (tests).
+            ``True``: the reference's init at every site. q/k/v: ``"lorsu"`` with a shared factor, ``"lora"`` with
+            separate ones (the VLM variant); the output projection: ``"lora"`` (the authors' LoRA on ``x @ P`` puts
+            its random factor on the input side of HF's transposed weight). ``"lorsu"``: output-side factor ``U``
+            Kaiming-uniform and input-side ``V`` zero at every site (before issue 18 the projection's default).
+            ``"lora"``: ``V`` Kaiming-uniform and ``U`` zero at every site (PEFT's usual layout). ``False`` makes every
+            update non-zero at init (tests).
         selection (`str`, defaults to `"gradient"`):
             ``"gradient"``: heads and fc1 entries come from :func:`probe_lorsu`. ``"random"``: chosen at random
             from ``seed`` without data (ablation).
@@ -116,7 +123,9 @@ class LoRSUConfig(PluginConfig):
     adapt_attention: bool = field(default=True, metadata={"help": "Head-masked low-rank update of q/k/v."})
     adapt_mlp: bool = field(default=True, metadata={"help": "Sparse update of fc1."})
     adapt_projection: bool = field(default=True, metadata={"help": "Low-rank update of the output projection."})
-    train_biases: bool = field(default=True, metadata={"help": "Dense bias deltas for q, k, v and fc1."})
+    train_biases: bool | list[str] = field(
+        default=True, metadata={"help": "Dense bias deltas: True, False, or parts from ['attention', 'mlp']."}
+    )
     share_qkv_factor: bool = field(default=True, metadata={"help": "One input-side factor shared by q, k, v."})
     init_weights: bool | Literal["lorsu", "lora"] = field(
         default=True, metadata={"help": "'lorsu', 'lora', True (method default) or False (random, for tests)."}
@@ -190,6 +199,15 @@ class LoRSUConfig(PluginConfig):
         )
         for flag in FLAGS:
             check(isinstance(getattr(self, flag), bool), flag, "True or False")
+        parts = self.train_biases
+        check(
+            isinstance(parts, bool)
+            or (isinstance(parts, (list, tuple, set)) and all(isinstance(p, str) and p in BIAS_PARTS for p in parts)),
+            "train_biases",
+            f"True, False or a list of parts from {list(BIAS_PARTS)}",
+        )
+        if not isinstance(parts, bool):
+            self.train_biases = [p for p in BIAS_PARTS if p in parts]
         check(_is_int(self.probe_samples) and self.probe_samples >= 1, "probe_samples", "an integer >= 1")
         check(_is_int(self.seed) and 0 <= self.seed < 2**64, "seed", "an integer in [0, 2**64)")
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
@@ -305,10 +323,15 @@ class LoRSUConfig(PluginConfig):
 
     @property
     def resolved_init(self) -> bool | str:
-        """The init scheme after resolving ``True`` to the variant's default."""
+        """The q/k/v init scheme after resolving ``True`` to the variant's default."""
         if self.init_weights is True:
             return "lorsu" if self.share_qkv_factor else "lora"
         return self.init_weights
+
+    @property
+    def resolved_projection_init(self) -> bool | str:
+        """The output projection's init scheme: ``True`` resolves to ``"lora"`` (``V`` random, ``U`` zero)."""
+        return "lora" if self.init_weights is True else self.init_weights
 
     @property
     def scaling(self) -> float:

@@ -12,7 +12,7 @@ from .fused import HeadLoRAInProjection
 from .layer import HeadLoRALinear, LoRSULayer
 from .scoring import check_top_k_heads, num_sparse_values, random_selection
 from .sparse import SparseLinear
-from .targets import Site, as_linear, attention_blocks, find_sites
+from .targets import Site, as_linear, attention_blocks, find_sites, trains_bias
 
 LAYER_CLASSES = {"fc1": SparseLinear, "qkv": HeadLoRAInProjection}
 
@@ -85,16 +85,16 @@ def layer_kwargs(config: LoRSUConfig, adapter_name: str, site: Site, parent: nn.
             num_values = num_sparse_values(as_linear(fc1).weight, config.sparsity)
             if config.fc1_indices is not None:
                 indices = config.fc1_indices[site.name]
-        return {"num_values": num_values, "indices": indices, "train_bias": config.train_biases, "init": init}
+        return {"num_values": num_values, "indices": indices, "train_bias": trains_bias(config, "mlp"), "init": init}
     common = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout, "init": init}
     if site.role == "projection":
-        return {**common, "heads": None, "train_bias": False}
+        return {**common, "init": config.resolved_projection_init, "heads": None, "train_bias": False}
     heads = {
         **common,
         "heads": config.selected_heads[site.block] if config.adapt_attention else None,
         "head_dim": site.head_dim,
         "low_rank": config.adapt_attention,
-        "train_bias": config.train_biases,
+        "train_bias": trains_bias(config, "attention"),
     }
     if site.role == "qkv":  # one fused in-projection: the factor is shared inside the layer
         return {**heads, "shared_factor": config.share_qkv_factor}

@@ -4,7 +4,8 @@ In the LoRSU paper's VLM experiments the image encoder is adapted *inside* the V
 the loss the VLM was trained with (the perplexity of the answer). That variant differs from the CLIP-loss recipe:
 
 - separate q/k/v input factors (``share_qkv_factor=False``) with PEFT's init (``V`` random, ``U`` zero);
-- no projection adapter and no bias training;
+- no projection adapter; fc1's bias trained, the q/k/v biases frozen (``train_biases=["mlp"]``), as in the
+  authors' LLaVA code;
 - only the layers whose output the VLM reads: LLaVA feeds its language model ``hidden_states[vision_feature_layer]``
   (default ``-2``), so the last layer is computed but unused. LoRSU's targeting leaves such layers out by itself
   (:func:`peft_lorsu.lorsu.targets.vlm_read_layers`).
@@ -37,7 +38,7 @@ PPL_DEFAULTS: dict[str, Any] = {
     "share_qkv_factor": False,
     "init_weights": "lora",
     "adapt_projection": False,
-    "train_biases": False,
+    "train_biases": ["mlp"],
 }
 
 # A LLaVA-1.5 style single-image chat: "USER: <image>\n{question} ASSISTANT: {answer}</s>". Real checkpoints ship

@@ -41,10 +41,18 @@ class TargetSpec(Protocol):
     target_modules: list[str] | str | None
 
 Role = Literal["q", "k", "v", "qkv", "fc1", "projection"]
+# What `train_biases` may list: "attention" (the q/k/v biases, or a fused in-projection's) and "mlp" (fc1's bias).
+BIAS_PARTS = ("attention", "mlp")
 QKV = ("q", "k", "v")
 HEAD_ROLES = ("q", "k", "v", "qkv")
 # Config fields through which a VLM names the hidden state(s) of its `vision_tower` that it reads.
 FEATURE_LAYER_FIELDS = ("vision_feature_layer", "vision_feature_layers")
+
+
+def trains_bias(config, part: str) -> bool:
+    """Whether ``config.train_biases`` (``True``, ``False`` or a list of :data:`BIAS_PARTS`) trains ``part``'s bias."""
+    value = config.train_biases
+    return value if isinstance(value, bool) else part in value
 
 
 @dataclass(frozen=True)
@@ -263,7 +271,7 @@ def _tower_sites(model: nn.Module, tower: Tower, config: TargetSpec) -> dict[str
     for index in chosen:
         layer_path = _join(tower.path, list_path, str(index))
         layer = layers[index]
-        if config.adapt_attention or config.train_biases:
+        if config.adapt_attention or trains_bias(config, "attention"):
             block = _attention(layer, layer_path, tower.family)
             if block is None:
                 raise ValueError(
@@ -274,7 +282,7 @@ def _tower_sites(model: nn.Module, tower: Tower, config: TargetSpec) -> dict[str
             roles = ("qkv",) if block.role == "qkv" else QKV
             for role, path in zip(roles, block.qkv):
                 sites[path] = Site(path, role, block.block, index, block.num_heads, block.head_dim, block.qkv)
-        if config.adapt_mlp or config.train_biases:
+        if config.adapt_mlp or trains_bias(config, "mlp"):
             fc1 = _first_linear(layer, layer_path, tower.family.fc1)
             if fc1 is None:
                 raise ValueError(

@@ -48,8 +48,11 @@ def test_tiny_clip_budgets_land_within_one_percent(budget):
         (dict(r=8), 4_000),
         (dict(top_k_heads=3), 5_000),
         (dict(adapt_attention=False, adapt_projection=False), 2_000),
+        (dict(train_biases=["mlp"], share_qkv_factor=False, adapt_projection=False), 3_000),
+        (dict(train_biases=["attention"]), 4_000),
     ],
-    ids=["both-towers", "separate-factors", "one-layer-no-bias", "fixed-r", "fixed-heads", "fc1-only"],
+    ids=["both-towers", "separate-factors", "one-layer-no-bias", "fixed-r", "fixed-heads", "fc1-only", "ppl-biases",
+         "qkv-biases"],
 )
 def test_flags_and_fixed_fields(fixed, budget):
     model = tiny_clip()

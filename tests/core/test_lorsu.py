@@ -154,6 +154,49 @@ def test_init_layouts(batches, init):
     assert random.abs().max() <= bound and random.abs().max() > 0.5 * bound
 
 
+@pytest.mark.parametrize("init, projection_random", [(True, "V"), ("lorsu", "U"), ("lora", "V")])
+def test_projection_init_follows_the_reference(batches, tmp_path, init, projection_random):
+    """By default the projection's random factor is the input-side V (the authors' LoRA on x @ P, in HF's transposed
+    layout) while q/k/v keep U random and V zero; "lorsu" gives the projection the heads' layout (the old default)."""
+    model = tiny_clip()
+    reference = copy.deepcopy(model)
+    peft_model = get_peft_model(model, probed(model, batches, init_weights=init))
+    projection = peft_model.base_model.model.visual_projection
+    U, V = projection.lorsu_U["default"], projection.lorsu_V["default"]
+    assert U.shape == (projection.out_features, 4) and V.shape == (4, projection.in_features)
+    random, zero = (V, U) if projection_random == "V" else (U, V)
+    assert torch.count_nonzero(zero) == 0 and torch.count_nonzero(random) == random.numel()
+    q = peft_model.base_model.model.vision_model.encoder.layers[0].self_attn.q_proj
+    q_random, q_zero = (q.factor("default"), q.lorsu_U["default"]) if init == "lora" else (q.lorsu_U["default"],
+                                                                                            q.factor("default"))
+    assert torch.count_nonzero(q_zero) == 0 and torch.count_nonzero(q_random) == q_random.numel()
+    assert torch.equal(logits(peft_model, batches[0]), logits(reference, batches[0]))  # the base model's output
+    peft_model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path)
+    assert loaded.peft_config["default"].init_weights == init
+    for name in ("lorsu_U", "lorsu_V"):
+        assert torch.equal(getattr(loaded.base_model.model.visual_projection, name)["default"],
+                           getattr(projection, name)["default"])
+
+
+@pytest.mark.parametrize("parts", [True, False, ["attention"], ["mlp"], ["attention", "mlp"]])
+def test_train_biases_parts_choose_which_biases_train(batches, parts):
+    """q/k/v biases with "attention", fc1's with "mlp"; the count drops by L * 3d or L * m for a part left out."""
+    model = tiny_clip()
+    config = probed(model, batches, train_biases=parts)
+    closed_form = count_trainable(model, config)
+    peft_model = get_peft_model(model, config)
+    trained = {n.split(".lorsu_bias.")[0].rsplit(".", 1)[1] for n, p in peft_model.named_parameters()
+               if ".lorsu_bias." in n and p.requires_grad}
+    attention = parts is True or (parts is not False and "attention" in parts)
+    mlp = parts is True or (parts is not False and "mlp" in parts)
+    assert trained == ({"q_proj", "k_proj", "v_proj"} if attention else set()) | ({"fc1"} if mlp else set())
+    L, d, m = 2, 32, 64
+    full = closed_form_count(L, d, 4, m, 16, 4, 2, 0.1)
+    expected = full - (0 if attention else L * 3 * d) - (0 if mlp else L * m)
+    assert peft_model.get_nb_trainable_parameters()[0] == closed_form == expected
+
+
 def test_training_changes_only_allowed_entries(batches):
     model = tiny_clip()
     reference = copy.deepcopy(model)

@@ -17,6 +17,8 @@ def test_defaults_follow_the_reference():
     assert config.lora_dropout == 0.0 and config.tower == "vision"
     assert config.train_biases and config.adapt_projection and config.share_qkv_factor
     assert config.resolved_init == "lorsu" and LoRSUConfig(share_qkv_factor=False).resolved_init == "lora"
+    # the projection's random factor is on the input side, as in the authors' code (issue 18)
+    assert config.resolved_projection_init == "lora" and LoRSUConfig(init_weights="lorsu").resolved_projection_init
     assert config.peft_type == "LORSU"
 
 
@@ -34,9 +36,28 @@ def test_json_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "value, expected",
+    [(True, True), (False, False), (["mlp"], ["mlp"]), (("mlp", "attention", "mlp"), ["attention", "mlp"]), ([], [])],
+)
+def test_train_biases_parts_round_trip(tmp_path, value, expected):
+    """``train_biases`` takes True, False or a list of parts; a list is kept in canonical order, JSON keeps it."""
+    config = LoRSUConfig(train_biases=value)
+    assert config.train_biases == expected
+    config.save_pretrained(tmp_path)
+    assert PeftConfig.from_pretrained(tmp_path).train_biases == expected
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"r": 0}, r"LoRSUConfig.r must be an integer >= 1, got 0"),
+        (
+            {"train_biases": "mlp"},
+            r"LoRSUConfig.train_biases must be True, False or a list of parts from \['attention', 'mlp'\], got 'mlp'",
+        ),
+        ({"train_biases": ["fc2"]}, r"train_biases must be True, False or a list of parts .*, got \['fc2'\]"),
+        ({"train_biases": None}, r"train_biases must be True, False or a list of parts"),
+        ({"train_biases": 1}, r"train_biases must be True, False or a list of parts"),
         ({"r": 2.5}, r"LoRSUConfig.r must be an integer >= 1"),
         ({"lora_alpha": 0}, r"lora_alpha must be a number in \(0, 1e\+06\]"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0"),
@@ -52,6 +73,10 @@ def test_json_round_trip(tmp_path):
         ({"selected_heads": {"a": [0, 0]}}, r"selected_heads must be a dict of module name -> 2 distinct"),
         (
             {"adapt_attention": False, "adapt_mlp": False, "adapt_projection": False, "train_biases": False},
+            "nothing to train",
+        ),
+        (
+            {"adapt_attention": False, "adapt_mlp": False, "adapt_projection": False, "train_biases": []},
             "nothing to train",
         ),
     ],

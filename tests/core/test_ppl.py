@@ -29,9 +29,9 @@ def test_ppl_config_is_the_papers_vlm_variant():
     config = lorsu_ppl_config(r=8, top_k_heads=1)
     assert (config.r, config.top_k_heads, config.tower) == (8, 1, "vision")
     assert not config.share_qkv_factor and config.resolved_init == "lora"
-    assert not config.adapt_projection and not config.train_biases
+    assert not config.adapt_projection and config.train_biases == ["mlp"]  # fc1's bias, not q/k/v's (authors' code)
     assert config.adapt_attention and config.adapt_mlp
-    assert lorsu_ppl_config(train_biases=True).train_biases  # every field can still be overridden
+    assert lorsu_ppl_config(train_biases=True).train_biases is True  # every field can still be overridden
 
 
 def test_collator_labels_score_only_the_answer(processor):
@@ -84,8 +84,10 @@ def test_ppl_trains_only_the_read_vision_layers(processor):
     assert sorted(config.selected_heads) == [f"{tower}encoder.layers.{i}.self_attn" for i in range(2)]
     peft_model = get_peft_model(model, config)
     d, d_h, r, m = 32, 8, 4, 64
-    # per read layer: q, k, v each own U (k*d_h x r) and V (r x d); fc1 trains floor(p * m * d) entries
-    assert peft_model.get_nb_trainable_parameters()[0] == 2 * (3 * (d_h * r + r * d) + math.floor(0.1 * m * d))
+    # per read layer: q, k, v each own U (k*d_h x r) and V (r x d); fc1 trains floor(p * m * d) entries and its bias
+    assert peft_model.get_nb_trainable_parameters()[0] == 2 * (3 * (d_h * r + r * d) + math.floor(0.1 * m * d) + m)
+    biases = [n for n, p in peft_model.named_parameters() if ".lorsu_bias." in n and p.requires_grad]
+    assert len(biases) == 2 and all(".mlp.fc1." in n for n in biases)
     peft_model.train()
     peft_model(**batches[0]).loss.backward()
     with_grad = [n for n, p in peft_model.named_parameters() if p.grad is not None]

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from peft_lorsu.app.continual import ContinualConfig, ContinualRunner
 from peft_lorsu.app.data import LabeledImages, load_image_dataset
 from peft_lorsu.app.inputs import to_pixel_values
+from peft_lorsu.app.lr_search import per_class_indices, select_lr
 from peft_lorsu.app.models import load_clip
 from peft_lorsu.app.sessions import ClassificationSet
 from peft_lorsu.lorsu import LoRSUConfig, probe_lorsu
@@ -122,7 +123,7 @@ METHODS: dict[str, Method] = {
             "LoRSU, heads by a user-supplied scorer (v-gradient rows only)",
             head_scorer=value_heads_score,
         ),
-        Method("rlp", "rlp", "prompt", "text", "RLP: rank-1 low-rank text context (CoOp style)"),
+        Method("rlp", "rlp", "prompt", "text", "RLP: rank-1 low-rank text context (CoOp style), dropout 0.5"),
         Method("coop", "coop", "prompt", "text", "CoOp: full-rank text context"),
         # issue 12's joint model next to each of its parts alone, all three on the class-prompt loss
         Method(
@@ -173,17 +174,43 @@ VARIANTS: dict[str, Method] = {
                {**_HEADS_ONLY, "head_scoring": "random"}),
     )
 }  # fmt: skip
-# RLP variants of the base-to-new investigation (validation data only): does the paper's dropout change the picture
+# RLP variants of the base-to-new investigation (validation data only): the dropout rate, the runner's SGD recipe
 PROMPT_VARIANTS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("rlp_drop25", "rlp", "prompt", "text", "RLP with dropout 0.25 on P_A P_B",
                config_fields={"prompt_dropout": 0.25}),
-        Method("rlp_drop50", "rlp", "prompt", "text", "RLP with dropout 0.5 on P_A P_B",
-               config_fields={"prompt_dropout": 0.5}),
+        Method("rlp_nodrop", "rlp", "prompt", "text", "RLP without dropout on P_A P_B",
+               config_fields={"prompt_dropout": 0.0}),
+        Method("rlp_sgd", "rlp", "prompt", "text", "RLP with the runner's RLP recipe: SGD (momentum 0.9), cosine",
+               config_fields={"optimizer": "sgd", "lr_schedule": "cosine"}),
     )
 }  # fmt: skip
-ALL_METHODS = {**METHODS, **VARIANTS, **PROMPT_VARIANTS}
+# the LoRSU authors' schedule (epoch 1 at 1e-6, then the peak lr) against the constant lr of the headline runs
+SCHEDULE_VARIANTS: dict[str, Method] = {
+    f"{base}_epoch_cosine": Method(
+        f"{base}_epoch_cosine",
+        base,
+        METHODS[base].grid,
+        "vision",
+        f"{base} with LoRSU's reference schedule (lr_schedule='epoch_cosine')",
+        config_fields={"lr_schedule": "epoch_cosine"},
+    )
+    for base in ("full", "lora", "lorsu")
+}
+ALL_METHODS = {**METHODS, **VARIANTS, **PROMPT_VARIANTS, **SCHEDULE_VARIANTS}
+# the headline rows; the other rows of METHODS run when asked for (--method), their findings are in accuracy_notes.md
+HEADLINE_METHODS = (
+    "zero_shot",
+    "full",
+    "lora",
+    "spu",
+    "lorsu",
+    "lorsu_random",
+    "lorsu_random_heads",
+    "rlp",
+    "lorsu_rlp",
+)
 
 
 def head_scoring_available() -> bool:
@@ -233,13 +260,25 @@ class Plan:
     """Everything that decides the numbers (see ``PLANS``); the command line overrides some fields."""
 
     model: str | None = None  # None: the packaged mini-CLIP
-    targets: list[str] = dataclasses.field(default_factory=lambda: ["digits", "fashion_mnist:inverted"])
+    # a new domain with new class names, a photometric inversion, a geometric shift and a contrast shift
+    targets: list[str] = dataclasses.field(
+        default_factory=lambda: [
+            "digits",
+            "fashion_mnist:inverted",
+            "fashion_mnist:rotated",
+            "animal_mnist:low_contrast",
+        ]
+    )
     controls: list[str] = dataclasses.field(default_factory=lambda: ["fashion_mnist", "animal_mnist"])
     shots: list[int] = dataclasses.field(default_factory=lambda: [5, 10])
     sessions: int = 5
     disjoint_classes: bool = False  # True: the paper's class-disjoint sessions (see accuracy_notes.md)
     epochs: int = 5
     batch_size: int = 16
+    # one optimiser and schedule for every method, so that methods differ only in what they train and their lr (the
+    # runner's per-method recipes, e.g. SGD + cosine for RLP, are compared in the investigation)
+    optimizer: str = "adamw"
+    lr_schedule: str = "constant"
     loss: str = "contrastive"
     r: int = 16
     lora_alpha: float = 16.0
@@ -247,7 +286,7 @@ class Plan:
     sparsity: float = 0.1
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     selection_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
-    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(HEADLINE_METHODS))
     grids: dict[str, list[float]] = dataclasses.field(
         default_factory=lambda: {
             "full": [3e-5, 1e-4, 3e-4],
@@ -261,11 +300,18 @@ class Plan:
     control_per_class: int = 100  # evaluation subsample of each control's test split
     control_val_per_class: int = 100  # investigation only: control images from their train splits (pretraining data)
     # the investigation (validation data only): LoRSU variants and baselines over a wider lr grid
-    investigate_targets: list[str] = dataclasses.field(default_factory=lambda: ["digits", "fashion_mnist:inverted"])
+    investigate_targets: list[str] = dataclasses.field(
+        default_factory=lambda: [
+            "digits",
+            "fashion_mnist:inverted",
+            "fashion_mnist:rotated",
+            "animal_mnist:low_contrast",
+        ]
+    )
     investigate_shots: int = 5
     investigate_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     investigate_methods: list[str] = dataclasses.field(
-        default_factory=lambda: ["full", "lora", "spu", "lorsu", "lorsu_random_heads", *VARIANTS]
+        default_factory=lambda: ["full", "lora", "spu", "lorsu", "lorsu_random_heads", *VARIANTS, *SCHEDULE_VARIANTS]
     )
     investigate_grids: dict[str, list[float]] = dataclasses.field(
         default_factory=lambda: {"full": [1e-5, 3e-5, 1e-4, 3e-4], "adapter": [3e-4, 1e-3, 3e-3, 1e-2]}
@@ -275,9 +321,7 @@ class Plan:
     investigate_b2n_datasets: list[str] = dataclasses.field(
         default_factory=lambda: ["fashion_mnist:low_contrast", "fashion_mnist:inverted", "digits"]
     )
-    investigate_b2n_methods: list[str] = dataclasses.field(
-        default_factory=lambda: ["rlp", "rlp_drop25", "rlp_drop50", "coop"]
-    )
+    investigate_b2n_methods: list[str] = dataclasses.field(default_factory=lambda: ["rlp", *PROMPT_VARIANTS, "coop"])
     investigate_b2n_grid: list[float] = dataclasses.field(default_factory=lambda: [3e-3, 1e-2, 3e-2, 1e-1])
     investigate_b2n_seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     b2n_datasets: list[str] = dataclasses.field(
@@ -319,6 +363,8 @@ class Plan:
 PLANS: dict[str, Plan] = {
     "full": Plan(),
     "smoke": Plan(
+        targets=["digits", "fashion_mnist:inverted"],
+        methods=list(METHODS),  # every row, also those the full plan leaves out of its headline
         shots=[1],
         sessions=2,
         epochs=1,
@@ -338,10 +384,10 @@ PLANS: dict[str, Plan] = {
         control_val_per_class=3,
         investigate_targets=["digits"],
         investigate_shots=1,
-        investigate_methods=["lora", "lorsu", "lorsu_core"],
+        investigate_methods=["lora", "lorsu", "lorsu_core", "lorsu_epoch_cosine"],
         investigate_grids={"full": [1e-4], "adapter": [1e-3, 1e-2]},
         investigate_b2n_datasets=["digits"],
-        investigate_b2n_methods=["rlp", "rlp_drop25", "coop"],
+        investigate_b2n_methods=["rlp", "rlp_drop25", "rlp_sgd", "coop"],
         investigate_b2n_grid=[1e-2],
         investigate_b2n_seeds=[0],
     ),
@@ -367,16 +413,6 @@ class TargetData:
             "test": len(self.test.labels),
             "classes": self.test.class_names,
         }
-
-
-def per_class_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Up to ``n`` random indices of every class (all of a class with fewer), seeded, sorted."""
-    gen = torch.Generator().manual_seed(seed)
-    picked = []
-    for c in labels.unique(sorted=True).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        picked.append(idx[torch.randperm(len(idx), generator=gen)[:n]])
-    return torch.cat(picked).sort().values
 
 
 def take(
@@ -515,6 +551,8 @@ class Bench:
             sparsity=p.sparsity,
             init_text=p.init_text,
             prompt_rank=p.prompt_rank,
+            optimizer=p.optimizer,
+            lr_schedule=p.lr_schedule,
             seed=seed,
         )
         if method.prompt_lr_scale is not None:
@@ -576,24 +614,10 @@ class Bench:
         return self.cache.get_or_run(key, run)
 
     def select_lr(self, grid: list[float], evaluate: Callable[[float, int], dict], balanced: bool) -> dict:
-        """Score every grid value on validation runs ``evaluate(lr, seed)`` (mean over the selection seeds).
-
-        ``chosen``: the best final target validation accuracy (the headline rule). ``chosen_balanced`` (when
-        ``balanced``): the best TI_val + CC_val, target gain and control loss weighted alike (CC_val from the
-        controls' validation images). Ties go to the smaller lr.
-        """
-        seeds, grid_rows = self.plan.selection_seeds, []
-        for lr in grid:
-            runs = [evaluate(lr, seed) for seed in seeds]
-            target = sum(r["rows"][-1][0] for r in runs) / len(runs)
-            ti = sum(r["target_improvement"] for r in runs) / len(runs)
-            cc = sum(r["control_change"] for r in runs) / len(runs)
-            grid_rows.append([lr, target, ti, cc])
-        by_lr = sorted(grid_rows)  # max keeps the first (smallest lr) of equal scores
-        selection = {"grid": grid_rows, "chosen": max(by_lr, key=lambda g: g[1])[0]}
-        if balanced:
-            selection["chosen_balanced"] = max(by_lr, key=lambda g: g[2] + g[3])[0]
-        return selection
+        """The runner's rule (:func:`peft_lorsu.app.lr_search.select_lr`) over the plan's selection seeds: the best
+        final target validation accuracy; with ``balanced`` also the best TI_val + CC_val (CC_val from the controls'
+        validation images). Ties go to the smaller lr."""
+        return select_lr(grid, evaluate, self.plan.selection_seeds, balanced=balanced).to_dict()
 
     def method_entry(
         self,

@@ -15,6 +15,7 @@ wraps the model, so a Trainer script needs no glue of its own.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -151,3 +152,49 @@ def get_lorsu_model(
     if not config.has_selection:
         probe_on_dataset(model, config, train_dataset, data_collator, batch_size, loss_fn, num_batches, show_progress)
     return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+# Learning-rate schedules by name, as multipliers of each parameter group's own rate.
+LR_SCHEDULES = ("constant", "cosine", "epoch_cosine")
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    steps_per_epoch: int,
+    epochs: int,
+    warmup_lr: float = 1e-6,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler to step once per optimizer step (as ``Trainer`` and the runner do).
+
+    - ``"constant"``: every group at its own rate.
+    - ``"cosine"``: cosine from each group's rate to 0 over ``epochs * steps_per_epoch`` steps (the CoOp / RLP
+      recipe).
+    - ``"epoch_cosine"``: LoRSU's reference schedule. Its cosine with warm-up is stepped once per *epoch* although it
+      spans every optimizer step, so epoch 1 runs at ``warmup_lr`` (capped at the group's rate) and the later epochs
+      at the group's rate, decayed by less than ``(pi (E-1) / 2T)^2`` relative (T the run's optimizer steps).
+
+    Pass it to ``Trainer(optimizers=(optimizer, lr_schedule(optimizer, "epoch_cosine", steps, epochs)))``.
+    """
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: name must be one of {LR_SCHEDULES}, got {name!r}")
+    for field, value in (("steps_per_epoch", steps_per_epoch), ("epochs", epochs)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"lr_schedule: {field} must be an integer >= 1, got {value!r}")
+    if not (isinstance(warmup_lr, (int, float)) and warmup_lr > 0):
+        raise ValueError(f"lr_schedule: warmup_lr must be a number > 0, got {warmup_lr!r}")
+    total = steps_per_epoch * epochs
+
+    def factor(base_lr: float, step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        floor = min(warmup_lr, base_lr) / base_lr
+        epoch = step // steps_per_epoch
+        if epoch == 0:
+            return floor
+        return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * (epoch - 1) / total))
+
+    lambdas = [lambda step, lr=group["lr"]: factor(lr, step) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -26,13 +26,15 @@ from ..lorsu import LoRSUConfig, probe_lorsu
 from ..lorsu.budget import count_trainable
 from ..objectives import build_class_prompts, class_prompt_probe_loss, zero_shot_accuracy
 from ..saving import save_adapter_atomic
+from ..trainer import LR_SCHEDULES
 from .continual import ContinualConfig, ContinualRunner
 from .data import sample_per_class
 from .demo import DemoConfig, run_demo
+from .lr_search import LRSelection, parse_lr, parse_lr_grid
 from .models import load_clip
 from .plots import has_matplotlib, heads_table, plot_head_scores, plot_sessions
 from .sessions import load_classification_set, make_batches
-from .training import TrainingDiverged, fit
+from .training import OPTIMIZERS, TrainingDiverged, fit
 
 DATASET_HELP = (
     "dataset name: demo, digits, fashion_mnist, animal_mnist (optionally with a shift, e.g. fashion_mnist:inverted) "
@@ -112,7 +114,7 @@ def _train(args: argparse.Namespace) -> int:
     print(heads_table(config))
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
-    result = fit(peft_model, batches, epochs=args.epochs, lr=args.lr, loss_fn=loss_fn)
+    result = fit(peft_model, batches, epochs=args.epochs, lr=args.lr, loss_fn=loss_fn, schedule=args.lr_schedule)
     print("mean loss per epoch: " + " -> ".join(f"{v:.4f}" for v in result.epoch_losses))
     shots = f", {args.shots} shots per class" if args.shots else ""
     record_card_info(
@@ -146,6 +148,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _continual(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
+    if args.lr is None and len(args.method) > 1:  # a comparison: each method at its own validated rate
+        args.lr = "auto"
     results = {}
     for method in args.method:
         model, tokenizer = load_clip(args.model)
@@ -158,6 +162,8 @@ def _continual(args: argparse.Namespace) -> int:
                 if f.name != "method" and hasattr(args, f.name)
             },
         )
+        if config.lr == "auto":
+            print(f"== {method}: choosing the learning rate on {config.lr_val_per_class} validation images per class")
         controls = {name: load_classification_set(name, "test", size) for name in args.control}
         runner = ContinualRunner(
             model,
@@ -179,13 +185,18 @@ def _continual(args: argparse.Namespace) -> int:
             )
             return 130
         results[method].save(out)
+        if results[method].lr_selection is not None:
+            print(LRSelection.from_dict(results[method].lr_selection).table())
+    selections = {m: r.lr_selection for m, r in results.items() if r.lr_selection is not None}
+    if selections:
+        (out / "lr_selection.json").write_text(json.dumps(selections, indent=2))
     if has_matplotlib():
         plot_sessions(results, out / "sessions.png")
-    print(f"{'method':<14} {'target before':>13} {'after':>7} {'TI':>7} {'CC':>7} {'params':>10}")
+    print(f"{'method':<14} {'lr':>8} {'target before':>13} {'after':>7} {'TI':>7} {'CC':>7} {'params':>10}")
     for method, r in results.items():
-        params = max(r.trainable_params, default=0)
+        params, lr = max(r.trainable_params, default=0), ("-" if method == "zero_shot" else f"{r.config['lr']:g}")
         print(
-            f"{method:<14} {100 * r.rows[0][0]:>12.1f}% {100 * r.rows[-1][0]:>6.1f}% "
+            f"{method:<14} {lr:>8} {100 * r.rows[0][0]:>12.1f}% {100 * r.rows[-1][0]:>6.1f}% "
             f"{100 * r.target_improvement:>+6.1f} {100 * r.control_change:>+6.1f} {params:>10,}"
         )
     print(f"results written to {out}")
@@ -276,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lorsu_args(train)
     train.add_argument("--epochs", type=int, default=5, help="training epochs (default: 5)")
     train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    train.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="constant, cosine (to 0) or epoch_cosine (LoRSU's reference: epoch 1 at 1e-6) (default: constant)",
+    )
     train.add_argument("--output-dir", required=True, help="folder to save the adapter to")
     train.set_defaults(func=_train)
 
@@ -310,7 +327,28 @@ def build_parser() -> argparse.ArgumentParser:
     continual.add_argument("--sessions", type=int, default=5, help="number of sessions (default: 5)")
     continual.add_argument("--shots", type=int, default=5, help="images per class per session (default: 5)")
     continual.add_argument("--epochs", type=int, default=5, help="epochs per session (default: 5)")
-    continual.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    continual.add_argument(
+        "--lr",
+        type=parse_lr,
+        default=None,
+        help="a learning rate, or 'auto': chosen per method on a validation split of the target's training data "
+        "(default: auto when several methods are compared, else each method's own default)",
+    )
+    continual.add_argument(
+        "--lr-grid", type=parse_lr_grid, default=None, help="grid of --lr auto, e.g. 1e-4,1e-3,1e-2"
+    )
+    continual.add_argument(
+        "--lr-val-per-class", type=int, default=10, help="validation images per class of --lr auto (default: 10)"
+    )
+    continual.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default=None, help="default: adamw, and sgd for rlp and coop"
+    )
+    continual.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=None,
+        help="default: constant, and cosine for rlp and coop; epoch_cosine is LoRSU's reference schedule",
+    )
     continual.add_argument("--batch-size", type=int, default=16, help="batch size (default: 16)")
     continual.add_argument(
         "--loss",

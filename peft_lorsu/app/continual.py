@@ -12,10 +12,11 @@ Methods are chosen by name (:data:`METHODS`) so that every one sees the same dat
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ from ..lorsu import LoRSUConfig, probe_lorsu
 from ..lorsu.probe import default_loss
 from ..objectives import build_class_prompts, class_prompt_probe_loss, zero_shot_accuracy
 from ..rlp import RLPConfig
+from .lr_search import LRSelection, default_grid, select_lr, split_validation
 from .sessions import (
-    LOSSES,
     ClassificationSet,
     ContinualResult,
     EpochBatches,
@@ -38,92 +39,20 @@ from .sessions import (
     make_batches,
     save_checkpoint,
 )
+from .settings import (
+    CLASS_CE_METHODS,
+    METHODS,
+    PROMPT_METHODS,
+    SESSION_ADAPTER_METHODS,
+    ContinualConfig,
+    method_defaults,
+)
 from .training import TrainingDiverged, fit
 
+__all__ = ["METHODS", "ContinualConfig", "ContinualRunner", "method_defaults", "session_indices"]
+LR_SELECTION = "lr_selection.json"  # kept beside the checkpoints: a resumed lr="auto" run does not search again
+
 logger = logging.getLogger(__name__)
-
-VISION_METHODS = ("lorsu", "lorsu_random", "lora", "full", "spu")
-SESSION_ADAPTER_METHODS = ("lorsu", "lorsu_random", "lora", "spu")  # one named adapter per session with merge=False
-PROMPT_METHODS = ("rlp", "coop")
-JOINT_METHODS = ("lorsu_rlp",)  # LoRSU on the image tower and RLP on the text tower, one adapter (LoRSURLPConfig)
-CLASS_CE_METHODS = (*PROMPT_METHODS, *JOINT_METHODS)  # methods that train a text prompt need class prompts
-METHODS = ("zero_shot", *VISION_METHODS, *PROMPT_METHODS, *JOINT_METHODS)
-
-
-@dataclass
-class ContinualConfig:
-    """Settings of a continual run. Fields of the adapters follow LoRSU's reference run unless stated.
-
-    Args:
-        method: one of :data:`METHODS`: ``zero_shot``; the vision methods ``lorsu``, ``lorsu_random`` (random
-            heads and fc1 entries), ``lora``, ``full`` and ``spu`` (fc1 sparse update only); the prompt methods
-            ``rlp`` and ``coop``; ``lorsu_rlp``, LoRSU and RLP trained together as one adapter each session.
-        sessions: number of sessions T.
-        shots: images per class per session.
-        disjoint_classes: each session holds its own classes (the paper); else every session samples all classes.
-        epochs, lr, batch_size, weight_decay: optimisation per session (AdamW, constant lr).
-        loss: ``"contrastive"`` (image-caption CLIP loss, the paper) or ``"class_ce"`` (class-prompt cross-entropy);
-            the loss of the vision methods; the methods that train a text prompt (RLP, CoOp, ``lorsu_rlp``) always use
-            ``"class_ce"``, since their prompt only exists in class prompts.
-        r, lora_alpha, top_k_heads, sparsity: LoRSU / LoRA / sparse-update settings.
-        merge: fold each session's adapter into the weights (the paper); ``False`` keeps one named adapter per
-            session (``session_1``, ``session_2``, ...), all active, only the newest trainable, so that
-            :meth:`ContinualRunner.rollback` can undo sessions (LoRSU, its ablations and LoRA).
-        init_text, prompt_rank: RLP / CoOp context and rank; also the evaluation prompt prefix.
-        prompt_dropout: RLP's dropout on ``P_A @ P_B`` in ``[0, 1)``; only ``rlp`` and ``lorsu_rlp`` have that
-            low-rank branch, the other methods refuse a non-zero value.
-        prompt_lr: ``lorsu_rlp`` only: the learning rate of the prompt part (default: ``lr`` for both parts). A text
-            prompt usually wants a larger rate than the image-side adapter.
-        seed: data sampling, initialisation and shuffling.
-    """
-
-    method: str = "lorsu"
-    sessions: int = 5
-    shots: int = 5
-    disjoint_classes: bool = True
-    epochs: int = 5
-    lr: float = 1e-5
-    batch_size: int = 16
-    weight_decay: float = 0.0
-    loss: str = "contrastive"
-    r: int = 64
-    lora_alpha: float = 64
-    top_k_heads: int = 2
-    sparsity: float = 0.1
-    merge: bool = True
-    init_text: str = "a photo of a"
-    prompt_rank: int = 1
-    prompt_dropout: float = 0.0
-    prompt_lr: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"ContinualConfig.method must be one of {METHODS}, got {self.method!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"ContinualConfig.loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("sessions", "shots", "epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"ContinualConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"ContinualConfig.lr must be a finite number > 0, got {self.lr!r}")
-        if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ValueError(f"ContinualConfig.prompt_dropout must be in [0, 1), got {self.prompt_dropout!r}")
-        if self.prompt_lr is not None and (self.method != "lorsu_rlp" or not self.prompt_lr > 0):
-            raise ValueError(
-                f"ContinualConfig.prompt_lr must be None or > 0 and is only used by method 'lorsu_rlp' (the others "
-                f"train one part, at lr); got prompt_lr={self.prompt_lr!r} with method {self.method!r}"
-            )
-        if self.method == "lorsu_rlp" and not self.merge:
-            raise ValueError(
-                "ContinualConfig.merge=False is not supported by method 'lorsu_rlp': its sessions are merged (LoRSU) "
-                "and folded (the prompt) one by one; use merge=True, or method 'lorsu' for one adapter per session"
-            )
-        if self.prompt_dropout > 0.0 and self.method not in ("rlp", "lorsu_rlp"):
-            raise ValueError(
-                f"ContinualConfig.prompt_dropout={self.prompt_dropout} needs RLP's low-rank branch (methods 'rlp' and "
-                f"'lorsu_rlp'); method {self.method!r} has none (use 0.0)"
-            )
 
 
 def session_indices(data: ClassificationSet, config: ContinualConfig) -> list[torch.Tensor]:
@@ -214,7 +143,6 @@ class ContinualRunner:
             lorsu = self._probed_lorsu(model, session, probe_data)
             return self._add_adapter(model, lorsu, name)
         if method == "lorsu_rlp":  # a fresh pair every session: the last one was merged and folded in _finish
-
             lorsu = self._probed_lorsu(model, session, probe_data)
             return get_peft_model(model, LoRSURLPConfig(lorsu=lorsu, rlp=self._rlp_config()))
         if method == "lora":
@@ -258,8 +186,8 @@ class ContinualRunner:
             init_text=cfg.init_text,
             init_token_ids=self.tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"],
             rank=cfg.prompt_rank,
-            dropout=cfg.prompt_dropout,
             mode="full_rank" if cfg.method == "coop" else "low_rank",
+            **({} if cfg.prompt_dropout is None else {"dropout": cfg.prompt_dropout}),
         )
 
     def _add_adapter(self, model: nn.Module, peft_config, name: str) -> nn.Module:
@@ -335,6 +263,10 @@ class ContinualRunner:
     def run(self, show_progress: bool = True, checkpoint_dir: str | Path | None = None) -> ContinualResult:
         """Run every session; return the accuracy matrix and the costs.
 
+        With ``lr="auto"`` the learning rate is chosen first (:meth:`choose_lr`; the grid, the scores and the choice
+        are logged and kept in ``result.lr_selection``), then the sessions run at the chosen rate on the training
+        data minus the validation images.
+
         Args:
             checkpoint_dir: keep each finished session there (results and model, :func:`save_checkpoint`); a run
                 given the folder of an interrupted one with the same settings resumes after its last finished
@@ -344,6 +276,8 @@ class ContinualRunner:
             TrainingDiverged: a session's loss stopped being finite (the message names the session, the step and the
                 learning rate); the sessions before it stay in ``checkpoint_dir``.
         """
+        if self.config.lr == "auto":
+            return self._run_auto(show_progress, checkpoint_dir)
         cfg = self.config
         torch.manual_seed(cfg.seed)
         columns = ["target", *self.controls]
@@ -378,6 +312,8 @@ class ContinualRunner:
                     loss_fn=self._loss_fn(),
                     show_progress=show_progress,
                     lr_by_name={"rlp_": cfg.prompt_lr} if cfg.prompt_lr is not None else None,
+                    optimizer=cfg.optimizer,
+                    schedule=cfg.lr_schedule,
                 )
             except TrainingDiverged as error:
                 error.args = (f"{cfg.method}, session {session}: {error}",)
@@ -394,4 +330,64 @@ class ContinualRunner:
             result.final_adapter_bytes = sum(adapter_nbytes(model, name) for name in model.peft_config)
         result.seconds += time.perf_counter() - start
         self.final_model = model
+        return result
+
+    # -------------------------------------------------------------------------------------------- lr="auto"
+
+    def choose_lr(self, show_progress: bool = False) -> LRSelection:
+        """The learning rate of this run's method by the rule of :mod:`peft_lorsu.app.lr_search`.
+
+        ``lr_val_per_class`` images per class of ``target_train`` are set aside; for every value of the grid
+        (``lr_grid`` or the method's default grid) all sessions run on the other training images, from a copy of the
+        model, and are scored on the set-aside images. Test and control data are not used.
+        """
+        cfg = self.config
+        rest, val = split_validation(self.target_train, cfg.lr_val_per_class, cfg.seed)
+        grid = cfg.lr_grid or default_grid(cfg.method, cfg.optimizer)
+
+        def evaluate(lr: float, seed: int) -> dict:
+            trial = ContinualRunner(
+                copy.deepcopy(self.model), self.tokenizer, rest, val, {}, replace(cfg, lr=lr, seed=seed)
+            )
+            return trial.run(show_progress=False).to_dict()
+
+        logger.info("%s: choosing lr from %s on %d validation images", cfg.method, grid, len(val.labels))
+        return select_lr(grid, evaluate, [cfg.seed], show_progress=show_progress, desc=f"lr search {cfg.method}")
+
+    def _run_auto(self, show_progress: bool, checkpoint_dir: str | Path | None) -> ContinualResult:
+        cfg = self.config
+        if cfg.method == "zero_shot":  # nothing is trained: no rate to choose
+            return self._delegate(
+                replace(cfg, lr=method_defaults(cfg.method)["lr"]), None, show_progress, checkpoint_dir
+            )
+        saved = Path(checkpoint_dir) / LR_SELECTION if checkpoint_dir else None
+        selection = None
+        if saved is not None and saved.exists():
+            record = json.loads(saved.read_text())
+            if record["config"] == asdict(cfg):
+                selection = LRSelection.from_dict(record["selection"])
+                logger.info("%s: lr %g chosen by an earlier run (%s)", cfg.method, selection.chosen, saved)
+        if selection is None:
+            selection = self.choose_lr(show_progress)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps({"config": asdict(cfg), "selection": selection.to_dict()}))
+        logger.info("%s: lr %g chosen\n%s", cfg.method, selection.chosen, selection.table())
+        rest, _ = split_validation(self.target_train, cfg.lr_val_per_class, cfg.seed)
+        return self._delegate(replace(cfg, lr=selection.chosen), selection, show_progress, checkpoint_dir, rest)
+
+    def _delegate(
+        self,
+        config: ContinualConfig,
+        selection: LRSelection | None,
+        show_progress: bool,
+        checkpoint_dir: str | Path | None,
+        target_train: ClassificationSet | None = None,
+    ) -> ContinualResult:
+        """Run ``config`` (a resolved lr) on the same model and data; keep its final model as this runner's."""
+        train = self.target_train if target_train is None else target_train
+        final = ContinualRunner(self.model, self.tokenizer, train, self.target_test, self.controls, config)
+        result = final.run(show_progress=show_progress, checkpoint_dir=checkpoint_dir)
+        result.lr_selection = selection.to_dict() if selection is not None else None
+        self.final_model, self.lr_selection = final.final_model, selection
         return result

@@ -23,6 +23,7 @@ CAPTION_TEMPLATES = (
     "a picture of a {}.",
 )
 
+
 def to_pixel_values(
     images: torch.Tensor,
     image_size: int | None = None,

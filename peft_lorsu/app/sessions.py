@@ -118,6 +118,7 @@ class ContinualResult:
     final_adapter_bytes: int = 0
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
+    lr_selection: dict | None = None  # lr="auto": the grid, the validation scores and the choice (LRSelection)
 
     @property
     def target_improvement(self) -> float:

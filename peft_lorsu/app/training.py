@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..lorsu.probe import default_loss
+from ..trainer import LR_SCHEDULES, lr_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,19 @@ def param_groups(
     return [
         {"params": params, "lr": lr if key is None else lr_by_name[key]} for key, params in groups.items() if params
     ]
+
+
+OPTIMIZERS = ("adamw", "sgd")
+SGD_MOMENTUM = 0.9  # CoOp's, which RLP's recipe follows
+
+
+def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``"adamw"`` (LoRSU's and LoRA's recipe) or ``"sgd"`` with momentum 0.9 (RLP's and CoOp's)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+    raise ValueError(f"fit: optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 # How often (in steps) the loop checks that the loss is still finite: each check waits for the device, so the
@@ -80,8 +94,10 @@ def fit(
     loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
     show_progress: bool = True,
     lr_by_name: Mapping[str, float] | None = None,
+    optimizer: str = "adamw",
+    schedule: str = "constant",
 ) -> FitResult:
-    """Train the parameters of ``model`` that require grad with Adam(W) for ``epochs`` passes over ``dataloader``.
+    """Train the parameters of ``model`` that require grad for ``epochs`` passes over ``dataloader``.
 
     Args:
         model: typically a ``PeftModel``; only parameters with ``requires_grad`` are optimised.
@@ -90,6 +106,9 @@ def fit(
         lr_by_name: other learning rates for some parameters: ``{"rlp_": 3e-2}`` trains every parameter whose name
             contains ``"rlp_"`` at 3e-2 (the first matching key wins) and the rest at ``lr``. Each key must match a
             trainable parameter.
+        optimizer: ``"adamw"`` or ``"sgd"`` (momentum 0.9), see :func:`make_optimizer`.
+        schedule: a name of :data:`peft_lorsu.trainer.LR_SCHEDULES` (``"constant"``, ``"cosine"``,
+            ``"epoch_cosine"``), stepped after every optimizer step; needs ``len(dataloader)``.
 
     Returns:
         the mean loss of every epoch and the step count.
@@ -103,12 +122,15 @@ def fit(
         raise ValueError(f"fit: lr must be a finite number > 0, got {lr!r}")
     if epochs < 1:
         raise ValueError(f"fit: epochs must be >= 1, got {epochs}")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"fit: schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("fit: the model has no parameter that requires grad")
     loss_fn = loss_fn or default_loss
     device = named[0][1].device
-    optimizer = torch.optim.AdamW(param_groups(named, lr, lr_by_name or {}), lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(optimizer, param_groups(named, lr, lr_by_name or {}), lr, weight_decay)
+    scheduler = None if schedule == "constant" else lr_schedule(opt, schedule, max(1, len(dataloader)), epochs)
     result = FitResult()
     model.train()
     for epoch in range(epochs):
@@ -118,9 +140,11 @@ def fit(
         for batch in bar:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             loss = loss_fn(model, batch)
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
             losses.append(loss.detach())
             result.steps += 1
             if len(losses) - checked >= CHECK_EVERY:

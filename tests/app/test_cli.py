@@ -68,14 +68,36 @@ def test_train_then_eval(tiny_assets, tmp_path, capsys):
     assert 0.0 <= accuracy <= 100.0 and accuracy * 12 / 100 == pytest.approx(round(accuracy * 12 / 100))
 
 
-def test_continual_compares_methods(tiny_assets, tmp_path, capsys):
+def test_continual_compares_methods_each_at_its_validated_lr(tiny_assets, tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["continual", "--model", str(tiny_assets), "--target", "demo", "--control", "demo",
                  "--method", "lorsu", "--method", "zero_shot", "--sessions", "2", "--shots", "1", "--epochs", "1",
-                 "--r", "4", "--batch-size", "4", "--output-dir", str(out)]) == 0
+                 "--r", "4", "--batch-size", "4", "--output-dir", str(out), "--lr-val-per-class", "1",
+                 "--lr-grid", "1e-3,1e-1"]) == 0
     assert {"lorsu.json", "lorsu.csv", "zero_shot.json", "sessions.png"} <= {p.name for p in out.iterdir()}
-    summary = capsys.readouterr().out
-    assert "lorsu" in summary and "zero_shot" in summary and "TI" in summary
+    printed = capsys.readouterr().out
+    assert "== lorsu: choosing the learning rate on 1 validation images per class" in printed
+    selection = json.loads((out / "lr_selection.json").read_text())["lorsu"]  # only methods that train have one
+    assert [row[0] for row in selection["grid"]] == [1e-3, 1e-1] and selection["chosen"] in (1e-3, 1e-1)
+    assert f"{selection['chosen']:>10g}" in printed and "<- chosen" in printed
+    lorsu_row = [ln for ln in printed.splitlines() if ln.startswith("lorsu ")][-1]
+    assert lorsu_row.split()[1] == f"{selection['chosen']:g}"
+    assert json.loads((out / "lorsu.json").read_text())["config"]["lr"] == selection["chosen"]
+
+
+def test_continual_lr_options(tiny_assets, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert main(["continual", "--model", str(tiny_assets), "--target", "demo", "--method", "rlp", "--sessions", "1",
+                 "--shots", "1", "--epochs", "1", "--batch-size", "4", "--output-dir", str(out)]) == 0
+    config = json.loads((out / "rlp.json").read_text())["config"]  # one method: its own recipe, no search
+    assert (config["optimizer"], config["lr"], config["lr_schedule"]) == ("sgd", 2e-3, "cosine")
+    assert not (out / "lr_selection.json").exists()
+    for bad, message in ((["--lr", "fast"], "must be a number or 'auto', got 'fast'"),
+                         (["--lr-grid", "1e-3,x"], "must be comma-separated numbers"),
+                         (["--lr-schedule", "linear"], "invalid choice: 'linear'")):
+        with pytest.raises(SystemExit):
+            main(["continual", "--method", "lorsu", *bad])
+        assert message in capsys.readouterr().err
 
 
 def test_budget_option_reports_and_applies_the_choice(tiny_assets, tmp_path, capsys):

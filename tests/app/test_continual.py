@@ -97,7 +97,7 @@ def test_config_errors():
         ContinualConfig(shots=0)
     with pytest.raises(ValueError, match="loss must be one of"):
         ContinualConfig(loss="mse")
-    with pytest.raises(ValueError, match=r"prompt_dropout must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"prompt_dropout must be None or in \[0, 1\), got 1.0"):
         ContinualConfig(method="rlp", prompt_dropout=1.0)
     for method in ("coop", "lorsu"):
         with pytest.raises(ValueError, match=f"prompt_dropout=0.5 needs RLP's low-rank branch .* method '{method}'"):

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from peft_lorsu import LoRSUConfig
 from peft_lorsu.objectives import class_cross_entropy
-from peft_lorsu.trainer import ClassPromptCollator, ImageTextCollator, get_lorsu_model, probe_on_dataset
+from peft_lorsu.trainer import ClassPromptCollator, ImageTextCollator, get_lorsu_model, lr_schedule, probe_on_dataset
 
 CLASSES = ["cat", "dog", "car", "tree"]
 
@@ -204,3 +204,68 @@ def test_collator_errors():
     sample = copy.deepcopy(paired_dataset(4)[0])
     batch = ImageTextCollator()([sample])
     assert batch["return_loss"] is True and batch["attention_mask"].shape == batch["input_ids"].shape
+
+
+def lr_trace(name: str, steps_per_epoch: int, epochs: int, lrs=(1e-3,), **kwargs) -> list[list[float]]:
+    """Each parameter group's learning rate at every optimizer step of a run."""
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in lrs]
+    optimizer = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)])
+    scheduler = lr_schedule(optimizer, name, steps_per_epoch, epochs, **kwargs)
+    trace = []
+    for _ in range(steps_per_epoch * epochs):
+        trace.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return trace
+
+
+def test_epoch_cosine_is_the_reference_schedule():
+    trace = lr_trace("epoch_cosine", steps_per_epoch=4, epochs=5, lrs=(1e-3, 5e-7))
+    total = 20
+    for step, (lr, small) in enumerate(trace):
+        epoch = step // 4
+        assert small == pytest.approx(5e-7)  # a rate below the warm-up rate is never raised
+        if epoch == 0:
+            assert lr == pytest.approx(1e-6)
+        else:  # the cosine advances once per epoch over a horizon of every optimizer step
+            expected = 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * (epoch - 1) / total))
+            assert lr == pytest.approx(expected, rel=1e-12)
+    assert trace[4][0] == pytest.approx(1e-3) and 0.94e-3 < trace[-1][0] < 0.95e-3  # near the peak after epoch 1
+
+
+def test_cosine_and_constant_schedules():
+    cosine = [row[0] for row in lr_trace("cosine", steps_per_epoch=2, epochs=2)]
+    assert cosine == pytest.approx(
+        [1e-3, 1e-3 * (1 + math.cos(math.pi / 4)) / 2, 5e-4, 1e-3 * (1 + math.cos(3 * math.pi / 4)) / 2]
+    )
+    assert [row[0] for row in lr_trace("constant", 3, 2)] == [1e-3] * 6
+    with pytest.raises(ValueError, match=r"name must be one of \('constant', 'cosine', 'epoch_cosine'\), got 'step'"):
+        lr_trace("step", 1, 1)
+    with pytest.raises(ValueError, match="steps_per_epoch must be an integer >= 1, got 0"):
+        lr_trace("cosine", 0, 1)
+    with pytest.raises(ValueError, match="warmup_lr must be a number > 0, got 0"):
+        lr_trace("epoch_cosine", 1, 1, warmup_lr=0)
+
+
+def test_epoch_cosine_through_trainer(tmp_path):
+    """The schedule by name in a Trainer run: 2 epochs of 2 steps, the first at the warm-up rate."""
+    peft_model, _ = contrastive_run(tmp_path)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = lr_schedule(optimizer, "epoch_cosine", steps_per_epoch=2, epochs=2)
+    seen = []
+    original = optimizer.step
+
+    def step(*a, **k):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return original(*a, **k)
+
+    optimizer.step = step
+    trainer = Trainer(
+        model=peft_model,
+        args=args(tmp_path, label_names=[], max_steps=-1, num_train_epochs=2),
+        train_dataset=paired_dataset(),
+        data_collator=ImageTextCollator(),
+        optimizers=(optimizer, scheduler),
+    )
+    assert trainer.train().global_step == 4
+    assert seen == pytest.approx([1e-6, 1e-6, 1e-2, 1e-2])

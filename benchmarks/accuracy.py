@@ -168,6 +168,10 @@ VARIANTS: dict[str, Method] = {
         Method("lorsu_k1", "lorsu", "adapter", "vision", "LoRSU with top_k_heads = 1", {"top_k_heads": 1}),
         Method("lorsu_r8", "lorsu", "adapter", "vision", "LoRSU with r = alpha = 8", {"r": 8, "lora_alpha": 8.0}),
         Method("lorsu_s05", "lorsu", "adapter", "vision", "LoRSU with sparsity 0.05", {"sparsity": 0.05}),
+        Method("lorsu_k4", "lorsu", "adapter", "vision", "LoRSU with top_k_heads = 4 (a wider head selection)",
+               {"top_k_heads": 4}),
+        Method("lorsu_s20", "lorsu", "adapter", "vision", "LoRSU with sparsity 0.2 (twice the fc1 entries)",
+               {"sparsity": 0.2}),
         Method("heads_only", "lorsu", "adapter", "vision", "gradient-chosen heads only (no fc1, biases, proj.)",
                _HEADS_ONLY),
         Method("heads_only_random", "lorsu", "adapter", "vision", "random heads only (no fc1, biases, proj.)",
@@ -311,7 +315,17 @@ class Plan:
     investigate_shots: int = 5
     investigate_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     investigate_methods: list[str] = dataclasses.field(
-        default_factory=lambda: ["full", "lora", "spu", "lorsu", "lorsu_random_heads", *VARIANTS, *SCHEDULE_VARIANTS]
+        default_factory=lambda: [
+            "full",
+            "lora",
+            "spu",
+            "lorsu",
+            "lorsu_no_bias",
+            "lorsu_k4",
+            "lorsu_s20",
+            "lorsu_r8",
+            *SCHEDULE_VARIANTS,
+        ]  # fmt: skip
     )
     investigate_grids: dict[str, list[float]] = dataclasses.field(
         default_factory=lambda: {"full": [1e-5, 3e-5, 1e-4, 3e-4], "adapter": [3e-4, 1e-3, 3e-3, 1e-2]}

@@ -69,8 +69,8 @@ class LoRSUConfig(PluginConfig):
         train_biases (`bool` or `list[str]`, defaults to `True`):
             Train dense bias deltas: ``True`` for q, k, v (all heads) and fc1 (the reference run), ``False`` for none,
             or a list of the parts whose biases train, from ``"attention"`` (q, k, v) and ``"mlp"`` (fc1); e.g.
-            ``["mlp"]`` is the authors' VLM run (:func:`~peft_lorsu.lorsu.lorsu_ppl_config`). Saved as given; a list
-            is kept in the order ``["attention", "mlp"]`` without repeats.
+            ``["mlp"]`` is the authors' VLM run (:func:`~peft_lorsu.lorsu.lorsu_ppl_config`). A list is stored (and
+            saved) in the order ``["attention", "mlp"]`` without repeats.
         share_qkv_factor (`bool`, defaults to `True`):
             One input-side factor ``V`` (r x d) shared by q, k and v, as in the paper. ``False`` gives each projection
             its own factor (the VLM variant of the paper).

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -49,7 +49,7 @@ HEAD_ROLES = ("q", "k", "v", "qkv")
 FEATURE_LAYER_FIELDS = ("vision_feature_layer", "vision_feature_layers")
 
 
-def trains_bias(config, part: str) -> bool:
+def trains_bias(config: Any, part: str) -> bool:
     """Whether ``config.train_biases`` (``True``, ``False`` or a list of :data:`BIAS_PARTS`) trains ``part``'s bias."""
     value = config.train_biases
     return value if isinstance(value, bool) else part in value

@@ -37,8 +37,10 @@ def image_folder(tmp_path) -> Path:
 @pytest.mark.parametrize("loss", ["contrastive", "class_ce"])
 def test_train_lorsu_dry_run(image_folder, tmp_path, loss):
     out = tmp_path / "lorsu"
-    load_example("train_lorsu").main(
+    schedule = ["--lr_schedule", "epoch_cosine", "--learning_rate", "1e-3"] if loss == "class_ce" else []
+    trainer = load_example("train_lorsu").main(
         [
+            *schedule,
             "--output_dir",
             str(out),
             "--train_data",
@@ -62,6 +64,11 @@ def test_train_lorsu_dry_run(image_folder, tmp_path, loss):
     assert (out / "adapter_model.safetensors").exists() and "images (train, 8 images)" in (
         out / "README.md"
     ).read_text()
+    factors = [f(0) for f in getattr(trainer.lr_scheduler, "lr_lambdas", [])]
+    if schedule:  # the named schedule drives the run: its first epoch at the warm-up rate 1e-6
+        assert factors == [pytest.approx(1e-3)] and trainer.optimizer.param_groups[0]["initial_lr"] == 1e-3
+    else:  # TrainingArguments' own (linear): starts at the full rate
+        assert factors and all(f == 1.0 for f in factors)
 
 
 def test_train_rlp_dry_run(image_folder, tmp_path):

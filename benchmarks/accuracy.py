@@ -818,7 +818,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sparsity", type=float, help="LoRSU / sparse-update fc1 fraction")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
     parser.add_argument(
-        "--no-investigate", action="store_true", help="skip the validation-only investigation of LoRSU variants"
+        "--no-investigate",
+        action="store_true",
+        help="skip the validation-only investigations (continual and base-to-new)",
+    )
+    parser.add_argument(
+        "--investigate-method",
+        action="append",
+        choices=list(ALL_METHODS),
+        help="methods of the validation-only investigation (repeatable; default: the plan's list)",
     )
     parser.add_argument("--resume", action="store_true", help="reuse the finished runs in <out>/accuracy_runs.jsonl")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every run")
@@ -843,7 +851,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         if value is not None:
             setattr(plan, name, value)
     if args.no_investigate:
-        plan.investigate_targets = []
+        plan.investigate_targets, plan.investigate_b2n_datasets = [], []
+    if args.investigate_method:
+        plan.investigate_methods = args.investigate_method
     if args.disjoint:
         plan.disjoint_classes = True
     if args.r is not None:

@@ -290,6 +290,7 @@ class Plan:
     sparsity: float = 0.1
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     selection_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    balanced: bool = True  # also run the final seeds at the lr of the balanced rule (TI_val + CC_val)
     methods: list[str] = dataclasses.field(default_factory=lambda: list(HEADLINE_METHODS))
     grids: dict[str, list[float]] = dataclasses.field(
         default_factory=lambda: {
@@ -361,6 +362,7 @@ class Plan:
             "shots",
             "seeds",
             "selection_seeds",
+            "balanced",
             "methods",
             "grids",
             "b2n_datasets",
@@ -661,7 +663,7 @@ class Bench:
                 m,
                 lambda lr, seed, m=m: self.continual_run(target, shots, m, lr, seed, "val+controls"),
                 lambda lr, seed, m=m: self.continual_run(target, shots, m, lr, seed, "test"),
-                balanced=True,
+                balanced=self.plan.balanced,
             )
             setting["columns"] = entry["runs"][0]["columns"]
             setting["methods"][name] = entry
@@ -765,7 +767,8 @@ class Bench:
         trained = [m for m in p.methods if ALL_METHODS[m].grid]
         # selection runs, final runs at the headline lr, and at the balanced lr (reused where the two agree)
         per_setting = sum(
-            len(p.grids[ALL_METHODS[m].grid]) * len(p.selection_seeds) + 2 * len(p.seeds) for m in trained
+            len(p.grids[ALL_METHODS[m].grid]) * len(p.selection_seeds) + (1 + p.balanced) * len(p.seeds)
+            for m in trained
         )
         per_setting += "zero_shot" in p.methods
         b2n_trained = [m for m in p.b2n_methods if ALL_METHODS[m].grid]
@@ -823,6 +826,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip the validation-only investigations (continual and base-to-new)",
     )
     parser.add_argument(
+        "--no-balanced", action="store_true", help="skip the final runs at the balanced rule's lr (headline rule only)"
+    )
+    parser.add_argument(
         "--investigate-method",
         action="append",
         choices=list(ALL_METHODS),
@@ -850,6 +856,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     for name, value in overrides.items():
         if value is not None:
             setattr(plan, name, value)
+    if args.no_balanced:
+        plan.balanced = False
     if args.no_investigate:
         plan.investigate_targets, plan.investigate_b2n_datasets = [], []
     if args.investigate_method:

@@ -810,6 +810,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--b2n", action="append", help="base-to-new dataset (repeatable)")
     parser.add_argument(
+        "--b2n-init-text", action="append", help="base-to-new context init text (repeatable; default: the plan's two)"
+    )
+    parser.add_argument(
         "--method", action="append", choices=list(ALL_METHODS), help="methods (repeatable; default all)"
     )
     parser.add_argument("--shots", type=int, nargs="+", help="shots per class per session (default: 5 10)")
@@ -850,6 +853,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         "targets": args.target,
         "controls": args.control,
         "b2n_datasets": args.b2n,
+        "b2n_init_texts": args.b2n_init_text,
         "methods": args.method,
         "shots": args.shots,
         "seeds": args.seeds,

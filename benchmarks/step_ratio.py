@@ -7,11 +7,14 @@ machine, and compare the ratios it prints (each is measured within one process, 
     python benchmarks/step_ratio.py /path/to/checkout-after
 
 Model: a 4-layer image encoder of ViT-B/16's width (768, 12 heads, fc1 3072, 224 px), batch 8, one thread, CPU
-process time, median of 7 steps after 2 warm-up steps; LoRSU with r=64, top_k_heads=2, sparsity=0.1.
+process time, median of 7 steps after 2 warm-up steps; LoRSU with r=64, top_k_heads=2, sparsity=0.1. Memory: the
+transient peak of one step (``perf_measure.transient_peak_bytes``) and the peak with the tensors alive between steps
+added (weights, buffers, optimizer state and the fc1 layers' cached patterns).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -39,14 +42,31 @@ def main(repo: str) -> dict:
             trainee.step()
             times[name].append(time.process_time() - start)
     median = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
-    peak = {n: perf_measure.transient_peak_bytes(t.step) for n, t in trainees.items()}
+    transient = {n: perf_measure.transient_peak_bytes(t.step) for n, t in trainees.items()}
+    static = {n: perf_measure.static_bytes(t.model, t.optimizer, cached_tensors(t.model)) for n, t in trainees.items()}
+    peak = {n: static[n] + transient[n] for n in trainees}
     return {
         "repo": repo,
         "median_step_s": median,
         "lorsu_over_lora": median["lorsu"] / median["lora"],
         "lorsu_over_floor": median["lorsu"] / median["backprop_floor"],
+        "transient_peak_lorsu_over_lora": transient["lorsu"] / transient["lora"],
         "peak_lorsu_over_lora": peak["lorsu"] / peak["lora"],
+        "peak_mib": {n: round(b / 2**20, 1) for n, b in peak.items()},
+        "static_mib": {n: round(b / 2**20, 1) for n, b in static.items()},
     }
+
+
+def cached_tensors(model) -> list:
+    """The tensors of every fc1 layer's cached patterns (whatever fields the checkout's pattern has)."""
+    tensors = []
+    for module in model.modules():
+        for pattern in getattr(module, "patterns", {}).values():
+            for field in dataclasses.fields(pattern):
+                value = getattr(pattern, field.name)
+                items = value if isinstance(value, tuple) else (value,)
+                tensors += [v for v in items if hasattr(v, "untyped_storage")]
+    return tensors
 
 
 if __name__ == "__main__":

@@ -24,6 +24,26 @@ needs_structural_peft = pytest.mark.skipif(
 )
 
 
+# Tests about numbers (kernels, gradients, merge equality, compiled steps, host synchronisation) take the `device`
+# fixture: they run on the CPU, and again on CUDA where a GPU is present (skipped with the reason otherwise).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+def to_device(batch: dict, device: str) -> dict:
+    """``batch`` with every tensor on ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def tiny_clip(seed: int = 0, **kwargs) -> CLIPModel:
     torch.manual_seed(seed)
     return CLIPModel(tiny_clip_config(**kwargs)).eval()

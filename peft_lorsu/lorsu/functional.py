@@ -18,6 +18,7 @@ The block is computed in row chunks, so backward holds no weight-sized temporary
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,23 +38,28 @@ CHUNK_ROWS = 512
 class SparsePattern:
     """Where sets of flat indices into an `(m, d)` weight fall: the block of rows and columns they use.
 
+    The per-entry positions inside the block are not stored: backward derives them from the indices chunk by chunk
+    (``row_pos[i // d] * C + col_pos[i % d]``: a few passes over S integers, small next to the block's product),
+    which keeps S more integers per layer out of memory between steps.
+
     Attributes:
         shape: `(m, d)`.
         rows: `(R,)` int64, ascending rows of the block (every row when the block is not ``compact``).
         cols: `(C,)` int64, ascending columns of the block (every column when it is not ``compact``).
-        local: per index set, `(S_a,)` ascending flat positions inside the `(R, C)` block (int32 for a compact
-            block, else the flat indices themselves).
+        row_pos: `(m,)` position of each used row inside the block (unused rows: any value), indices' dtype.
+        col_pos: `(d,)` the same for columns.
         order: per index set, ``None`` when its indices are ascending, else the permutation that sorts them.
         compact: whether the block is a strict part of the weight (otherwise the full product is computed).
         chunks: ``(row_start, row_stop)`` of each chunk of at most ``CHUNK_ROWS`` block rows.
-        bounds: per index set, per chunk, ``(lo, hi)``: the chunk's entries are ``local[lo:hi]``. Python ints,
-            computed once with the pattern.
+        bounds: per index set, per chunk, ``(lo, hi)``: the chunk holds the set's sorted entries ``lo:hi``. Python
+            ints, computed once with the pattern.
     """
 
     shape: tuple[int, int]
     rows: torch.Tensor
     cols: torch.Tensor
-    local: tuple[torch.Tensor, ...]
+    row_pos: torch.Tensor
+    col_pos: torch.Tensor
     order: tuple[torch.Tensor | None, ...]
     compact: bool
     chunks: tuple[tuple[int, int], ...]
@@ -63,6 +69,28 @@ class SparsePattern:
     def block_fraction(self) -> float:
         """``R * C / (m * d)``: the share of the full weight gradient the value gradients compute."""
         return self.rows.numel() * self.cols.numel() / (self.shape[0] * self.shape[1])
+
+    def positions(self, k: int, indices: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Positions inside the flattened `(R, C)` block of index set ``k``'s sorted entries ``lo:hi``.
+
+        Args:
+            indices: `(S_k,)` the flat indices the pattern was built from.
+        """
+        perm = self.order[k]
+        part = indices[lo:hi] if perm is None else indices.index_select(0, perm[lo:hi])
+        return _block_positions(part, self) if self.compact else part
+
+
+def _block_positions(flat: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """Positions inside ``pattern``'s flattened compact block of the flat indices ``flat`` into the weight."""
+    d = pattern.shape[1]
+    return pattern.row_pos[flat // d] * pattern.cols.numel() + pattern.col_pos[flat % d]
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The narrowest index dtype for flat indices into ``numel`` entries: int32 below 2**31 (half of int64's memory;
+    ``index_add`` / ``index_select`` take either), else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
 
 
 def sparse_pattern(indices: Sequence[torch.Tensor], shape: tuple[int, int]) -> SparsePattern:
@@ -79,22 +107,23 @@ def sparse_pattern(indices: Sequence[torch.Tensor], shape: tuple[int, int]) -> S
     compact = int(row_used.sum()) * int(col_used.sum()) <= COMPACT_BELOW * m * d
     if compact:
         rows, cols = row_used.nonzero().squeeze(1), col_used.nonzero().squeeze(1)
-        # position of every used row / column inside the block (meaningless for unused ones, which no index
-        # reaches); int32 halves the memory of these per-entry positions (the block has fewer than 2**31 entries)
-        row_pos = row_used.long().cumsum(0) - 1
-        col_pos = col_used.long().cumsum(0) - 1
-        local = [(row_pos[i // d] * cols.numel() + col_pos[i % d]).int() for i in indices]
     else:
         rows, cols = torch.arange(m, device=device), torch.arange(d, device=device)
-        local = list(indices)
+    # position of every used row / column inside the block (meaningless for unused ones, which no index reaches)
+    row_pos = (row_used.to(flat.dtype).cumsum(0) - 1).to(flat.dtype)
+    col_pos = (col_used.to(flat.dtype).cumsum(0) - 1).to(flat.dtype)
+    pattern = SparsePattern((m, d), rows, cols, row_pos, col_pos, (), compact, (), ())
     order: list[torch.Tensor | None] = []
-    for k, positions in enumerate(local):
+    local = []  # per set, its positions in the block, sorted (only to find the chunk bounds)
+    for idx in indices:
+        positions = _block_positions(idx, pattern) if compact else idx
         if positions.numel() > 1 and not bool((positions[1:] >= positions[:-1]).all()):
             perm = torch.argsort(positions, stable=True)
-            local[k] = positions[perm]
             order.append(perm)
+            local.append(positions[perm])
         else:
             order.append(None)
+            local.append(positions)
     n_rows, n_cols = rows.numel(), cols.numel()
     chunks = tuple((start, min(n_rows, start + CHUNK_ROWS)) for start in range(0, n_rows, CHUNK_ROWS))
     edges = torch.tensor([0, *(stop for _, stop in chunks)], device=device) * n_cols
@@ -102,7 +131,7 @@ def sparse_pattern(indices: Sequence[torch.Tensor], shape: tuple[int, int]) -> S
     for positions in local:
         cut = torch.searchsorted(positions, edges.to(positions.dtype)).tolist()
         bounds.append(tuple(zip(cut[:-1], cut[1:])))
-    return SparsePattern((m, d), rows, cols, tuple(local), tuple(order), compact, chunks, tuple(bounds))
+    return dataclasses.replace(pattern, order=tuple(order), chunks=chunks, bounds=tuple(bounds))
 
 
 def scatter_delta(weight: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -144,21 +173,21 @@ def _value_grads(
 ) -> list[torch.Tensor]:
     """Value gradients `(S_a,)` per index set from `(N, m)` ``g`` and `(N, d)` or `(N, C)` input columns ``x_kept``.
 
-    ``indices`` are the flat indices the pattern was built from (used only for their count and device).
+    ``indices`` are the flat indices the pattern was built from.
     """
     x_block = _take_columns(x_kept, pattern.cols)  # (N, C)
     n_cols = pattern.cols.numel()
     all_rows = pattern.rows.numel() == pattern.shape[0]
     sorted_grads = [g.new_empty(idx.numel()) for idx in indices]
     for c, (start, stop) in enumerate(pattern.chunks):
-        spans = [(out, local, *bounds[c]) for out, local, bounds in zip(sorted_grads, pattern.local, pattern.bounds)]
+        spans = [(k, out, *pattern.bounds[k][c]) for k, out in enumerate(sorted_grads)]
         if all(hi == lo for *_, lo, hi in spans):
             continue
         g_rows = g[:, start:stop] if all_rows else g.index_select(-1, pattern.rows[start:stop])
         block = (g_rows.t() @ x_block).reshape(-1)  # ((stop - start) * C,)
-        for out, local, lo, hi in spans:
+        for k, out, lo, hi in spans:
             if hi > lo:
-                out[lo:hi] = block.index_select(0, local[lo:hi] - start * n_cols)
+                out[lo:hi] = block.index_select(0, pattern.positions(k, indices[k], lo, hi) - start * n_cols)
     grads = []
     for out, perm in zip(sorted_grads, pattern.order):
         if perm is not None:

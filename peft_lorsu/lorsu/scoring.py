@@ -40,6 +40,7 @@ from torch import nn
 from ..compat import full_shape
 from ..distributed import all_reduce_sum_
 from ..utils import batch_size, only_these_require_grad, output_field, strip_data_parallel, to_device, unwrap_model
+from .functional import index_dtype
 from .targets import HEAD_ROLES, Site, as_linear, attention_blocks, qkv_gradients, qkv_weights
 
 if TYPE_CHECKING:
@@ -74,14 +75,15 @@ def top_k_indices(scores: torch.Tensor, k: int) -> list[int]:
 
 
 def top_s_entries(grad: torch.Tensor, num_values: int) -> torch.Tensor:
-    """Flat indices (int64, ascending) of the ``num_values`` entries of ``grad`` with the largest magnitude.
+    """Flat indices (ascending, :func:`~.functional.index_dtype`) of the ``num_values`` entries of ``grad`` with the
+    largest magnitude.
 
     Keeping the S largest ``|G|`` entries is the mask that maximises the first-order loss decrease of an S-sparse
     update (Lemma 3.2 of the LoRSU paper).
     """
     magnitude = grad.float().abs().reshape(-1)
     order = torch.sort(-magnitude, stable=True).indices
-    return order[:num_values].sort().values
+    return order[:num_values].sort().values.to(index_dtype(magnitude.numel()))
 
 
 def check_top_k_heads(config: LoRSUConfig, blocks: dict[str, tuple[int, int]]) -> None:
@@ -112,10 +114,9 @@ def random_selection(model: nn.Module, config: LoRSUConfig, sites: dict[str, Sit
         for site in sites.values():
             if site.role == "fc1":
                 weight = as_linear(model.get_submodule(site.name)).weight
-                chosen = torch.randperm(full_shape(weight).numel(), generator=generator)[
-                    : num_sparse_values(weight, config.sparsity)
-                ]
-                config.fc1_indices[site.name] = chosen.sort().values
+                numel = full_shape(weight).numel()
+                chosen = torch.randperm(numel, generator=generator)[: num_sparse_values(weight, config.sparsity)]
+                config.fc1_indices[site.name] = chosen.sort().values.to(index_dtype(numel))
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,7 @@ def score_heads(
 
 
 def select_fc1(config: LoRSUConfig, sites: dict[str, Site], grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The top-S entries of every fc1 by mean-gradient magnitude: ``{fc1 path: (S,) ascending int64}``."""
+    """The top-S entries of every fc1 by mean-gradient magnitude: ``{fc1 path: (S,) ascending flat indices}``."""
     return {
         site.name: top_s_entries(grads[site.name], num_sparse_values(grads[site.name], config.sparsity))
         for site in sites.values()

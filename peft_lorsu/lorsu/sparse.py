@@ -3,8 +3,8 @@
 Symbols: fc1 weight `(m, d)`, ``S = floor(sparsity * m * d)``.
 
 - ``lorsu_values``: `(S,)` trainable values.
-- ``lorsu_indices``: `(S,)` int64 ascending flat indices into the `(m, d)` weight, from the probe; saved with the
-  adapter and checked on load.
+- ``lorsu_indices``: `(S,)` ascending flat indices into the `(m, d)` weight, from the probe; int32 in memory (int64
+  when ``m * d >= 2**31``), saved as int64 (the format every version reads) and checked on load.
 - ``lorsu_bias``: `(m,)` dense bias delta (``train_biases``).
 """
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..compat import BufferDict
 from ..utils import check_index_tensor
-from .functional import SparsePattern, scatter_delta, sparse_delta_linear, sparse_pattern
+from .functional import SparsePattern, index_dtype, scatter_delta, sparse_delta_linear, sparse_pattern
 from .layer import LoRSULinear
 
 
@@ -47,7 +47,8 @@ class SparseLinear(LoRSULinear):
         self.patterns: dict[tuple, SparsePattern] = {}
         self._active_adapter = adapter_name
         self._register_load_state_dict_pre_hook(self._check_loaded_indices)
-        self.register_load_state_dict_post_hook(lambda module, keys: module.patterns.clear())
+        self.register_load_state_dict_post_hook(self._narrow_loaded_indices)
+        self._register_state_dict_hook(self._save_indices_as_int64)
         self.update_layer(adapter_name, **kwargs)
 
     def update_layer(
@@ -66,11 +67,12 @@ class SparseLinear(LoRSULinear):
         numel = self.in_features * self.out_features
         if num_values:
             if indices is None:
-                indices = torch.full((num_values,), -1, dtype=torch.long)
+                indices = torch.full((num_values,), -1, dtype=index_dtype(numel))
                 self.indices_pending[adapter_name] = True
             else:
-                indices = check_index_tensor("fc1 indices", indices, (num_values,), numel)
-                check_ascending(indices, "fc1 indices")
+                check_ascending(check_index_tensor("fc1 indices", indices, (num_values,), numel), "fc1 indices")
+                # kept as given when already narrow, so a probe's int32 selection is held once, not copied
+                indices = indices.to(index_dtype(numel))
             values = torch.zeros(num_values)
             if init is False:
                 nn.init.normal_(values, std=0.02)
@@ -93,6 +95,20 @@ class SparseLinear(LoRSULinear):
                 loaded = check_index_tensor(what, state_dict[key], shape, self.in_features * self.out_features)
                 check_ascending(loaded, what)
                 self.indices_pending.pop(adapter, None)
+
+    def _narrow_loaded_indices(self, module: nn.Module, incompatible_keys) -> None:
+        # a load with assign=True (peft's low_cpu_mem_usage) installs the file's int64 tensors as they are
+        for adapter, indices in list(self.lorsu_indices.items()):
+            self.lorsu_indices[adapter] = indices.to(index_dtype(self.in_features * self.out_features))
+        self.patterns.clear()
+
+    @staticmethod
+    def _save_indices_as_int64(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+        # saved files keep the int64 indices every earlier version of the package wrote and reads
+        for adapter in module.lorsu_indices:
+            key = f"{prefix}lorsu_indices.{adapter}"
+            if key in state_dict:
+                state_dict[key] = state_dict[key].long()
 
     def _deltas(self, adapters: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         pending = [a for a in adapters if self.indices_pending.get(a)]

@@ -73,7 +73,7 @@ def test_moving_an_adapter_keeps_integer_buffers_and_casts_floats():
     layer._move_adapter_to_device_of_base_layer("default")
     assert layer.lorsu_values["default"].dtype == torch.bfloat16
     assert layer.lorsu_bias["default"].dtype == torch.bfloat16
-    assert layer.lorsu_indices["default"].dtype == torch.int64
+    assert layer.lorsu_indices["default"].dtype == torch.int32  # the layer's in-memory index dtype, kept
     assert layer.lorsu_indices["default"].tolist() == [1, 7, 40]
 
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import clip_batches, tiny_clip
+from conftest import clip_batches, tiny_clip, to_device
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -285,8 +285,9 @@ def test_save_load_round_trip(tmp_path, batches):
         assert loaded.peft_config["default"].selected_heads == config.selected_heads
 
 
-def test_merge_unmerge_and_unload(batches):
-    model = tiny_clip()
+def test_merge_unmerge_and_unload(batches, device):
+    batches = [to_device(b, device) for b in batches]
+    model = tiny_clip().to(device)
     reference = copy.deepcopy(model)
     peft_model = get_peft_model(model, probed(model, batches, init_weights=False))
     adapted = logits(peft_model, batches[0])

@@ -836,6 +836,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-balanced", action="store_true", help="skip the final runs at the balanced rule's lr (headline rule only)"
     )
     parser.add_argument(
+        "--no-b2n-investigation", action="store_true", help="skip the base-to-new investigation (RLP variants)"
+    )
+    parser.add_argument(
         "--investigate-method",
         action="append",
         choices=list(ALL_METHODS),
@@ -868,6 +871,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan.balanced = False
     if args.no_investigate:
         plan.investigate_targets, plan.investigate_b2n_datasets = [], []
+    if args.no_b2n_investigation:
+        plan.investigate_b2n_datasets = []
     if args.investigate_method:
         plan.investigate_methods = args.investigate_method
     if args.disjoint:

@@ -10,6 +10,11 @@ Memory. ``torch.profiler`` with ``profile_memory=True`` records every allocation
 most tensor memory alive at once beyond what was alive when the step began. Adding the tensors alive between steps
 (weights, buffers, optimizer state: :func:`static_bytes`) gives the step's peak tensor memory. It counts what torch
 allocates for tensors, not allocator slack or the Python heap, so it does not depend on other processes.
+
+On CUDA (``device="cuda"``) the clocks are device time: the ``"cpu"`` clock is the time between two CUDA events around
+the call (what the GPU spent, the figure ratios are formed from), ``"wall"`` the host time with the device synchronised
+before and after. The transient peak is ``torch.cuda.max_memory_allocated`` over the call, less what was allocated
+when it began (after ``torch.cuda.reset_peak_memory_stats``).
 """
 
 from __future__ import annotations
@@ -36,17 +41,26 @@ def summary(values: list[float]) -> dict[str, float | list[float]]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "values": list(values)}
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(process CPU seconds, wall seconds) of one call."""
+def timed(fn: Callable[[], object], device: str = "cpu") -> tuple[float, float]:
+    """(process CPU seconds, wall seconds) of one call; on CUDA (CUDA-event seconds, synchronised wall seconds)."""
+    if device == "cuda":
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        wall0 = time.perf_counter()
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(stop) / 1e3, time.perf_counter() - wall0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     fn()
     return time.process_time() - cpu0, time.perf_counter() - wall0
 
 
 def interleave(
-    fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1, desc: str = "timing"
+    fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1, desc: str = "timing", device: str = "cpu"
 ) -> dict[str, dict[str, list[float]]]:
-    """Time every function ``repeats`` times, interleaved, after ``warmup`` untimed calls each.
+    """Time every function ``repeats`` times, interleaved, after ``warmup`` untimed calls each (on ``device``).
 
     Returns:
         name -> {"cpu": [seconds per repetition], "wall": [...]}, repetitions in the same order for every name.
@@ -60,7 +74,7 @@ def interleave(
         for rep in range(repeats):
             shift = rep % len(names)
             for name in names[shift:] + names[:shift]:
-                cpu, wall = timed(fns[name])
+                cpu, wall = timed(fns[name], device)
                 times[name]["cpu"][rep], times[name]["wall"][rep] = cpu, wall
                 bar.update()
     return times
@@ -79,9 +93,17 @@ def time_summaries(times: Mapping[str, Mapping[str, list[float]]]) -> dict[str, 
     return {name: {clock: summary(v) for clock, v in per.items()} for name, per in times.items()}
 
 
-def transient_peak_bytes(fn: Callable[[], object]) -> int:
-    """Most tensor bytes alive at once during ``fn()`` beyond those alive when it started (torch.profiler records)."""
+def transient_peak_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Most tensor bytes alive at once during ``fn()`` beyond those alive when it started (torch.profiler records on
+    the CPU, the CUDA allocator's peak statistics on CUDA)."""
     gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     records = _memory_records(prof)
@@ -126,21 +148,29 @@ def static_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None, extr
 def trainable_state(params: list[nn.Parameter], optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
     """Parameters, and bytes of trainable state: the parameters, their gradients (same size) and the optimizer state.
 
-    Call after at least one optimizer step, so that Adam's moments exist.
+    ``moment_bytes`` is the part of the optimizer state shaped like the parameters (Adam's two moments), without
+    Adam's per-tensor step counters. Call after at least one optimizer step, so that Adam's moments exist.
     """
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     optimizer_bytes = sum(t.numel() * t.element_size() for t in _optimizer_tensors(optimizer))
+    moments = [
+        t
+        for p in params
+        for t in (optimizer.state.get(p, {}).values() if optimizer is not None else ())
+        if isinstance(t, torch.Tensor) and t.shape == p.shape
+    ]
     return {
         "params": sum(p.numel() for p in params),
         "param_bytes": param_bytes,
         "grad_bytes": param_bytes,
         "optimizer_bytes": optimizer_bytes,
+        "moment_bytes": sum(t.numel() * t.element_size() for t in moments),
         "total_bytes": 2 * param_bytes + optimizer_bytes,
     }
 
 
-def machine_info(threads: int) -> dict[str, object]:
-    """CPU model, cores, threads used and library versions."""
+def machine_info(threads: int, device: str = "cpu") -> dict[str, object]:
+    """CPU model, cores, threads used, the device and its name, and library versions."""
     import peft
     import transformers
 
@@ -160,4 +190,6 @@ def machine_info(threads: int) -> dict[str, object]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "load_average_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
     }

@@ -82,6 +82,7 @@ def scaling_setting(res: dict, key: str, path: Path) -> None:
 
 def write_all(res: dict, out: Path) -> None:
     methods(res, out / "perf_methods.png")
-    scaling_batch(res, out / "perf_scaling_batch.png")
-    scaling_setting(res, "heads", out / "perf_scaling_heads.png")
-    scaling_setting(res, "sparsity", out / "perf_scaling_sparsity.png")
+    if res.get("scaling"):  # absent with --no-scaling
+        scaling_batch(res, out / "perf_scaling_batch.png")
+        scaling_setting(res, "heads", out / "perf_scaling_heads.png")
+        scaling_setting(res, "sparsity", out / "perf_scaling_sparsity.png")

@@ -63,6 +63,12 @@ class Plan:
     large_repeats: int
     knobs: LoRSUKnobs = LoRSUKnobs()
     seed: int = 0
+    device: str = "cpu"
+    variant_repeats: int = 0  # compiled and bf16 steps (0: those sections are skipped)
+    bf16_shape: VisionShape | None = None  # the bf16 rows' shape and batch (default: the main ones)
+    bf16_batch: int = 0
+    compile_shape: VisionShape | None = None  # the compiled rows' shape (default: the main one)
+    compiled: bool = True  # False: no compiled rows (inductor takes minutes even on the tiny model)
 
 
 def _runtime_caches(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -70,14 +76,15 @@ def _runtime_caches(model: torch.nn.Module) -> list[torch.Tensor]:
     tensors = []
     for module in model.modules():
         for pattern in module.patterns.values() if isinstance(module, SparseLinear) else ():
-            tensors += [pattern.rows, pattern.cols, *pattern.local, *(o for o in pattern.order if o is not None)]
+            tensors += [pattern.rows, pattern.cols, pattern.row_pos, pattern.col_pos]
+            tensors += [o for o in pattern.order if o is not None]
     return tensors
 
 
-def _memory(trainee: Trainee) -> dict[str, int]:
+def step_memory(trainee: Trainee, device: str = "cpu") -> dict[str, int]:
     """Static, transient-peak and peak tensor bytes of one (warm) training step."""
     static = M.static_bytes(trainee.model, trainee.optimizer, _runtime_caches(trainee.model))
-    transient = M.transient_peak_bytes(trainee.step)
+    transient = M.transient_peak_bytes(trainee.step, device)
     return {"static_bytes": static, "transient_peak_bytes": transient, "peak_bytes": static + transient}
 
 
@@ -96,7 +103,8 @@ def _fc1_patterns(trainee: Trainee) -> dict[str, float] | None:
     }
 
 
-def _method_record(trainee: Trainee, times: dict, baseline_times: Mapping) -> dict:
+def method_record(trainee: Trainee, times: dict, baseline_times: Mapping, device: str = "cpu") -> dict:
+    """Trainable state, step times, paired ratios to each of ``baseline_times``, memory and fc1 pattern."""
     state = M.trainable_state(trainee.trainable(), trainee.optimizer)
     record = {
         "description": VISION_METHODS.get(trainee.name) or TEXT_METHODS.get(trainee.name),
@@ -104,7 +112,7 @@ def _method_record(trainee: Trainee, times: dict, baseline_times: Mapping) -> di
         "trainable_state": state,
         "adapter_buffer_bytes": sum(b.numel() * b.element_size() for b in trainee.adapter_buffers),
         "step_s": M.time_summaries({trainee.name: times})[trainee.name],
-        "memory": _memory(trainee),
+        "memory": step_memory(trainee, device),
     }
     for name in baseline_times:
         record[f"step_ratio_vs_{name}"] = {
@@ -125,12 +133,14 @@ def vision_methods(plan: Plan) -> tuple[dict, dict[str, Trainee]]:
     for name in VISION_METHODS:
         logger.info("building %s", name)
         selection = trainees["lorsu"].config if name == "dense_masked" else None
-        trainees[name] = build_vision(name, base, batch, plan.knobs, selection)
-    times = M.interleave({n: t.step for n, t in trainees.items()}, plan.repeats, plan.warmup, "vision steps")
-    baselines = {"lora": times["lora"], "full": times["full"]}
+        trainees[name] = build_vision(name, base, batch, plan.knobs, selection, plan.device)
+    times = M.interleave(
+        {n: t.step for n, t in trainees.items()}, plan.repeats, plan.warmup, "vision steps", plan.device
+    )
+    baselines = {n: times[n] for n in ("lora", "full", "backprop_floor")}
     records = {}
     for name, trainee in trainees.items():
-        records[name] = record = _method_record(trainee, times[name], baselines)
+        records[name] = record = method_record(trainee, times[name], baselines, plan.device)
         logger.info(
             "%s: step %.2f s (%.3fx LoRA), peak %.0f MiB",
             name,
@@ -138,11 +148,12 @@ def vision_methods(plan: Plan) -> tuple[dict, dict[str, Trainee]]:
             record["step_ratio_vs_lora"]["cpu"]["median"],
             record["memory"]["peak_bytes"] / 2**20,
         )
-    return records, {**trainees, "_base": base}
+    return records, {**trainees, "_base": base.to(plan.device)}
 
 
 def step_profile(trainees: Mapping[str, Trainee], names: tuple[str, ...], top: int = 14) -> dict:
-    """torch.profiler's ops with the most self CPU time in one step of each method (milliseconds)."""
+    """torch.profiler's ops with the most self CPU time in one step of each method (milliseconds; on CUDA the host
+    time of launching them)."""
     out = {}
     for name in names:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -166,7 +177,8 @@ def probe_cost(plan: Plan, trainees: Mapping[str, Trainee]) -> dict:
             base, plan.knobs.config(), [batch] * n, loss_fn=image_class_loss, num_batches=n, show_progress=False
         )
 
-    times = M.interleave({"one": probe(1), "three": probe(3), "step": lorsu.step}, plan.probe_repeats, 0, "probe")
+    fns = {"one": probe(1), "three": probe(3), "step": lorsu.step}
+    times = M.interleave(fns, plan.probe_repeats, 0, "probe", plan.device)
     out: dict = {"step_s": M.time_summaries({"s": times["step"]})["s"]}
     for clock in ("cpu", "wall"):
         per_batch = [(c - a) / 2 for a, c in zip(times["one"][clock], times["three"][clock])]
@@ -199,7 +211,8 @@ def inference(plan: Plan, trainees: Mapping[str, Trainee]) -> dict:
 
         return run
 
-    times = M.interleave({n: forward(m) for n, m in models.items()}, plan.repeats, plan.warmup, "inference")
+    fns = {n: forward(m) for n, m in models.items()}
+    times = M.interleave(fns, plan.repeats, plan.warmup, "inference", plan.device)
     out = {"forward_s": M.time_summaries(times)}
     for name in models:
         if name != "base":
@@ -222,15 +235,19 @@ def fc1_kernels(plan: Plan, trainees: Mapping[str, Trainee]) -> dict:
     n = plan.batch * plan.vision.tokens
     g = torch.Generator().manual_seed(plan.seed)
     grad, x, weight = torch.randn(n, m, generator=g), torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+    grad, x, weight = grad.to(plan.device), x.to(plan.device), weight.to(plan.device)
     probe_indices = layer.lorsu_indices["default"]
     random_indices = torch.randperm(m * d, generator=g)[: probe_indices.numel()].sort().values
+    random_indices = random_indices.to(plan.device, probe_indices.dtype)
     probe_pattern = sparse_pattern([probe_indices], (m, d))
     random_pattern = sparse_pattern([random_indices], (m, d))
     crow = torch.zeros(m + 1, dtype=torch.long)
-    crow[1:] = torch.bincount(random_indices // d, minlength=m).cumsum(0)
+    crow[1:] = torch.bincount((random_indices // d).cpu(), minlength=m).cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        csr = torch.sparse_csr_tensor(crow, random_indices % d, torch.zeros(random_indices.numel()), (m, d))
+        csr = torch.sparse_csr_tensor(
+            crow.to(plan.device), (random_indices % d).long(), torch.zeros(random_indices.numel()), (m, d)
+        ).to(plan.device)
     fns = {
         "input_grad": lambda: grad @ weight,
         "dense": lambda: (grad.t() @ x).reshape(-1).index_select(0, random_indices),
@@ -238,7 +255,7 @@ def fc1_kernels(plan: Plan, trainees: Mapping[str, Trainee]) -> dict:
         "kernel_probe_selection": lambda: sampled_weight_grad(grad, x, probe_indices, probe_pattern),
         "sampled_addmm": lambda: torch.sparse.sampled_addmm(csr, grad.t(), x, beta=0.0),
     }
-    times = M.interleave(fns, plan.kernel_repeats, 1, "fc1 kernels")
+    times = M.interleave(fns, plan.kernel_repeats, 1, "fc1 kernels", plan.device)
     out = {"shape": {"N": n, "m": m, "d": d, "S": probe_indices.numel()}, "time_s": M.time_summaries(times)}
     out["vs_dense"] = {name: M.paired_ratio(times, name, "dense") for name in fns if name != "dense"}
     out["probe_block_fraction"] = probe_pattern.block_fraction
@@ -247,12 +264,12 @@ def fc1_kernels(plan: Plan, trainees: Mapping[str, Trainee]) -> dict:
 
 def _against_lora(plan: Plan, lora: Trainee, lorsu: Trainee, desc: str) -> dict:
     """LoRSU and LoRA timed interleaved, the paired ratio, and LoRSU's memory."""
-    times = M.interleave({"lora": lora.step, "lorsu": lorsu.step}, plan.scaling_repeats, 1, desc)
+    times = M.interleave({"lora": lora.step, "lorsu": lorsu.step}, plan.scaling_repeats, 1, desc, plan.device)
     return {
         "lorsu_step_s": M.summary(times["lorsu"]["cpu"]),
         "lora_step_s": M.summary(times["lora"]["cpu"]),
         "ratio_vs_lora": M.paired_ratio(times, "lorsu", "lora"),
-        "lorsu_memory": _memory(lorsu),
+        "lorsu_memory": step_memory(lorsu, plan.device),
     }
 
 
@@ -260,7 +277,7 @@ def _sweep(plan: Plan, base, batch, lora: Trainee, points: dict[str, LoRSUKnobs]
     """LoRSU at each setting against ``lora``, with its memory, trainable state and fc1 pattern."""
     rows = []
     for label, knobs in points.items():
-        lorsu = build_vision("lorsu", base, batch, knobs)
+        lorsu = build_vision("lorsu", base, batch, knobs, device=plan.device)
         timed = _against_lora(plan, lora, lorsu, f"{desc} {label}")
         state = M.trainable_state(lorsu.trainable(), lorsu.optimizer)  # after steps: Adam's moments exist
         rows.append(
@@ -277,27 +294,30 @@ def _sweep(plan: Plan, base, batch, lora: Trainee, points: dict[str, LoRSUKnobs]
     return rows
 
 
-def scaling(plan: Plan) -> dict:
-    """Step time and memory against batch size (LoRSU and LoRA), selected heads and sparsity (LoRSU vs LoRA)."""
+def scaling(plan: Plan) -> dict | None:
+    """Step time and memory against batch size (LoRSU and LoRA), selected heads and sparsity (LoRSU vs LoRA);
+    ``None`` when the plan has no sweep."""
+    if not (plan.batches or plan.heads or plan.sparsities):
+        return None
     base = vision_model(plan.vision, plan.seed)
     batch = vision_batch(plan.vision, plan.scaling_batch, seed=plan.seed)
-    lora = build_vision("lora", base, batch, plan.knobs)
-    lorsu = build_vision("lorsu", base, batch, plan.knobs)
+    lora = build_vision("lora", base, batch, plan.knobs, device=plan.device)
+    lorsu = build_vision("lorsu", base, batch, plan.knobs, device=plan.device)
+    lora_batch = lora.batch
     by_batch = []
     for size in plan.batches:
-        sized = vision_batch(plan.vision, size, seed=plan.seed)
+        sized = {k: v.to(plan.device) for k, v in vision_batch(plan.vision, size, seed=plan.seed).items()}
         lora.batch, lorsu.batch = sized, sized
-        by_batch.append(
-            {"batch": size, **_against_lora(plan, lora, lorsu, f"batch {size}"), "lora_memory": _memory(lora)}
-        )
+        memory = step_memory(lora, plan.device)
+        by_batch.append({"batch": size, **_against_lora(plan, lora, lorsu, f"batch {size}"), "lora_memory": memory})
     del lorsu
-    lora.batch = batch
+    lora.batch = lora_batch
     knobs = plan.knobs
     heads = {str(k): LoRSUKnobs(knobs.r, k, knobs.sparsity) for k in plan.heads}
     sparsities = {str(s): LoRSUKnobs(knobs.r, knobs.top_k_heads, s) for s in plan.sparsities}
     return {
         "batch_size_of_sweeps": plan.scaling_batch,
-        "reference_memory": _memory(lora),
+        "reference_memory": step_memory(lora, plan.device),
         "batch": by_batch,
         "heads": _sweep(plan, base, batch, lora, heads, "heads"),
         "sparsity": _sweep(plan, base, batch, lora, sparsities, "sparsity"),
@@ -308,9 +328,10 @@ def text_methods(plan: Plan) -> dict:
     """RLP against CoOp on the text tower: step time, memory, trainable state."""
     base = text_model(plan.text, plan.seed)
     batch = prompt_batch(plan.text, plan.text_classes, plan.batch, seed=plan.seed)
-    trainees = {name: build_text(name, base, batch) for name in TEXT_METHODS}
-    times = M.interleave({n: t.step for n, t in trainees.items()}, plan.text_repeats, plan.warmup, "text steps")
-    return {name: _method_record(t, times[name], {"coop": times["coop"]}) for name, t in trainees.items()}
+    trainees = {name: build_text(name, base, batch, plan.device) for name in TEXT_METHODS}
+    fns = {n: t.step for n, t in trainees.items()}
+    times = M.interleave(fns, plan.text_repeats, plan.warmup, "text steps", plan.device)
+    return {name: method_record(t, times[name], {"coop": times["coop"]}, plan.device) for name, t in trainees.items()}
 
 
 def large_model(plan: Plan) -> dict | None:
@@ -319,10 +340,13 @@ def large_model(plan: Plan) -> dict | None:
         return None
     base = vision_model(plan.large, plan.seed)
     batch = vision_batch(plan.large, plan.large_batch, seed=plan.seed)
-    trainees = {name: build_vision(name, base, batch, plan.knobs) for name in ("lorsu", "lora")}
-    times = M.interleave({n: t.step for n, t in trainees.items()}, plan.large_repeats, 1, plan.large.name)
+    trainees = {name: build_vision(name, base, batch, plan.knobs, device=plan.device) for name in ("lorsu", "lora")}
+    fns = {n: t.step for n, t in trainees.items()}
+    times = M.interleave(fns, plan.large_repeats, 1, plan.large.name, plan.device)
     return {
         "shape": plan.large.name,
         "batch": plan.large_batch,
-        "methods": {name: _method_record(t, times[name], {"lora": times["lora"]}) for name, t in trainees.items()},
+        "methods": {
+            name: method_record(t, times[name], {"lora": times["lora"]}, plan.device) for name, t in trainees.items()
+        },
     }

@@ -96,6 +96,13 @@ VISION_SHAPES = {
     "ViT-B/16": VisionShape(
         "ViT-B/16", layers=12, width=768, heads=12, mlp=3072, image_size=224, patch=16, projection=512
     ),
+    # the CPU's compiled rows: ViT-B/16's layers, fewer of them (inductor's compile time grows with the depth)
+    "ViT-B/16 x 4 layers": VisionShape(
+        "ViT-B/16 x 4 layers", layers=4, width=768, heads=12, mlp=3072, image_size=224, patch=16, projection=512
+    ),
+    # the CPU's bf16 rows: this shape keeps emulated bf16 matmuls (about 30x fp32's time on a CPU without bf16
+    # units) to seconds per step
+    "small": VisionShape("small", layers=4, width=128, heads=4, mlp=512, image_size=112, patch=16, projection=64),
     "ViT-L/14": VisionShape(
         "ViT-L/14", layers=24, width=1024, heads=16, mlp=4096, image_size=224, patch=14, projection=768
     ),
@@ -169,9 +176,12 @@ class Trainee:
     loss_fn: LossFn
     adapter_buffers: list[torch.Tensor] = field(default_factory=list)
     config: LoRSUConfig | None = None
+    autocast: torch.dtype | None = None  # the forward runs under torch.autocast to this dtype
 
     def step(self) -> None:
-        loss = self.loss_fn(self.model, self.batch)
+        device_type = next(iter(self.batch.values())).device.type
+        with torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.loss_fn(self.model, self.batch)
         loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
@@ -220,10 +230,20 @@ VISION_METHODS = {
 }
 
 
-def build_vision(name: str, base: nn.Module, batch: Batch, knobs: LoRSUKnobs, selection: LoRSUConfig | None = None):
-    """A :class:`Trainee` for method ``name`` (see ``VISION_METHODS``) on a copy of ``base``.
+def build_vision(
+    name: str,
+    base: nn.Module,
+    batch: Batch,
+    knobs: LoRSUKnobs,
+    selection: LoRSUConfig | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Trainee:
+    """A :class:`Trainee` for method ``name`` (see ``VISION_METHODS``) on a copy of ``base``, on ``device``, its
+    weights (adapters included) and floating inputs in ``dtype``.
 
-    ``selection`` (a probed LoRSU config) is reused by ``dense_masked`` so both train the same entries.
+    ``selection`` (a probed LoRSU config) is reused by ``dense_masked`` so both train the same entries. The method is
+    built (and LoRSU probed) on ``base`` as given, then moved.
     """
     model = copy.deepcopy(base)
     config = None
@@ -242,10 +262,14 @@ def build_vision(name: str, base: nn.Module, batch: Batch, knobs: LoRSUKnobs, se
         buffers = apply_dense_masked(model, config)
     elif name == "backprop_floor":
         model.requires_grad_(False)
-        batch = {**batch, "pixel_values": batch["pixel_values"].clone().requires_grad_(True)}
     else:
         raise ValueError(f"unknown vision method {name!r}; known: {sorted(VISION_METHODS)}")
-    model.train()
+    model.train().to(device, dtype)
+    batch = {k: v.detach().to(device, dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+    if name == "backprop_floor":
+        batch["pixel_values"].requires_grad_(True)
+    if name in ("lorsu", "lorsu_random"):  # the buffers as they are now, on the device
+        buffers = [b for n, b in model.named_buffers() if "lorsu_" in n]
     optimizer = _adam(model) if any(p.requires_grad for p in model.parameters()) else None
     return Trainee(name, model, optimizer, batch, image_class_loss, buffers, config)
 
@@ -256,10 +280,12 @@ TEXT_METHODS = {
 }
 
 
-def build_text(name: str, base: nn.Module, batch: Batch) -> Trainee:
+def build_text(name: str, base: nn.Module, batch: Batch, device: str = "cpu") -> Trainee:
     if name not in TEXT_METHODS:
         raise ValueError(f"unknown text method {name!r}; known: {sorted(TEXT_METHODS)}")
     mode = "low_rank" if name == "rlp" else "full_rank"
     model = get_peft_model(copy.deepcopy(base), RLPConfig(init_token_ids=list(CONTEXT_IDS), mode=mode)).train()
+    model.to(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
     buffers = [b for n, b in model.named_buffers() if "rlp_" in n]
     return Trainee(name, model, _adam(model), batch, prompt_class_loss, buffers)

@@ -839,6 +839,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-b2n-investigation", action="store_true", help="skip the base-to-new investigation (RLP variants)"
     )
     parser.add_argument(
+        "--investigate-target", action="append", help="targets of the investigation (repeatable; default: all four)"
+    )
+    parser.add_argument(
         "--investigate-method",
         action="append",
         choices=list(ALL_METHODS),
@@ -873,6 +876,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan.investigate_targets, plan.investigate_b2n_datasets = [], []
     if args.no_b2n_investigation:
         plan.investigate_b2n_datasets = []
+    if args.investigate_target:
+        plan.investigate_targets = args.investigate_target
     if args.investigate_method:
         plan.investigate_methods = args.investigate_method
     if args.disjoint:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from peft_lorsu.app.continual import ContinualConfig, ContinualRunner
 from peft_lorsu.app.data import LabeledImages, load_image_dataset
 from peft_lorsu.app.inputs import to_pixel_values
-from peft_lorsu.app.lr_search import per_class_indices, select_lr
+from peft_lorsu.app.lr_search import GRIDS, per_class_indices, select_lr
 from peft_lorsu.app.models import load_clip
 from peft_lorsu.app.sessions import ClassificationSet
 from peft_lorsu.lorsu import LoRSUConfig, probe_lorsu
@@ -263,20 +263,16 @@ class BenchmarkRunner(ContinualRunner):
 # ------------------------------------------------------------------------------------------------------------ plan
 
 
+# a new domain with new class names, a photometric inversion, a geometric shift and a contrast shift
+TARGETS = ("digits", "fashion_mnist:inverted", "fashion_mnist:rotated", "animal_mnist:low_contrast")
+
+
 @dataclasses.dataclass
 class Plan:
     """Everything that decides the numbers (see ``PLANS``); the command line overrides some fields."""
 
     model: str | None = None  # None: the packaged mini-CLIP
-    # a new domain with new class names, a photometric inversion, a geometric shift and a contrast shift
-    targets: list[str] = dataclasses.field(
-        default_factory=lambda: [
-            "digits",
-            "fashion_mnist:inverted",
-            "fashion_mnist:rotated",
-            "animal_mnist:low_contrast",
-        ]
-    )
+    targets: list[str] = dataclasses.field(default_factory=lambda: list(TARGETS))
     controls: list[str] = dataclasses.field(default_factory=lambda: ["fashion_mnist", "animal_mnist"])
     shots: list[int] = dataclasses.field(default_factory=lambda: [5, 10])
     sessions: int = 5
@@ -298,9 +294,9 @@ class Plan:
     methods: list[str] = dataclasses.field(default_factory=lambda: list(HEADLINE_METHODS))
     grids: dict[str, list[float]] = dataclasses.field(
         default_factory=lambda: {
-            "full": [3e-5, 1e-4, 3e-4],
-            "adapter": [1e-3, 3e-3, 1e-2],
-            "prompt": [1e-2, 3e-2, 1e-1],
+            "full": list(GRIDS["full"]),
+            "adapter": list(GRIDS["adapter"]),
+            "prompt": list(GRIDS["prompt_adamw"]),  # the plan trains every row with AdamW
         }
     )
     val_per_class: int = 20  # carved from the target's train split, never from test
@@ -309,14 +305,7 @@ class Plan:
     control_per_class: int = 100  # evaluation subsample of each control's test split
     control_val_per_class: int = 100  # investigation only: control images from their train splits (pretraining data)
     # the investigation (validation data only): LoRSU variants and baselines over a wider lr grid
-    investigate_targets: list[str] = dataclasses.field(
-        default_factory=lambda: [
-            "digits",
-            "fashion_mnist:inverted",
-            "fashion_mnist:rotated",
-            "animal_mnist:low_contrast",
-        ]
-    )
+    investigate_targets: list[str] = dataclasses.field(default_factory=lambda: list(TARGETS))
     investigate_shots: int = 5
     investigate_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     investigate_methods: list[str] = dataclasses.field(

@@ -27,6 +27,11 @@ def runner(method: str, **kwargs) -> ContinualRunner:
     config = ContinualConfig(
         method=method, sessions=2, shots=2, epochs=2, lr=1e-2, batch_size=4, r=4, lora_alpha=4, **kwargs
     )
+    return runner_for(config)
+
+
+def runner_for(config: ContinualConfig) -> ContinualRunner:
+    """A runner of ``config`` on a tiny CLIP: 4 target classes (6 train / 3 test images each), 2 control classes."""
     controls = {"control": classification_set(3, 2, names=["cat", "dog"])}
     return ContinualRunner(
         tiny_clip(real_vocab=True),

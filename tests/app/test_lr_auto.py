@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import clip_tokenizer, tiny_clip
-from test_continual import classification_set
+from test_continual import classification_set, runner_for
 
 from peft_lorsu.app.continual import ContinualConfig, ContinualRunner, method_defaults
 from peft_lorsu.app.lr_search import LRSelection, default_grid, select_lr, split_validation
@@ -85,20 +85,12 @@ def test_config_errors_name_the_field(fields, message):
         ContinualConfig(**fields)
 
 
-def auto_runner(method: str, tmp_grid=(1e-4, 1e-1), **kwargs) -> ContinualRunner:
+def auto_runner(method: str, grid=(1e-4, 1e-1)) -> ContinualRunner:
     config = ContinualConfig(
         method=method, sessions=2, shots=2, epochs=2, batch_size=4, r=4, lora_alpha=4, lr="auto",
-        lr_grid=list(tmp_grid), lr_val_per_class=2, loss="class_ce", **kwargs,
+        lr_grid=list(grid), lr_val_per_class=2, loss="class_ce",
     )  # fmt: skip
-    controls = {"control": classification_set(3, 2, names=["cat", "dog"])}
-    return ContinualRunner(
-        tiny_clip(real_vocab=True),
-        clip_tokenizer(),
-        classification_set(6, 0),
-        classification_set(3, 1),
-        controls,
-        config,
-    )
+    return runner_for(config)
 
 
 def test_runner_chooses_on_validation_then_trains_at_the_choice(tmp_path, monkeypatch):

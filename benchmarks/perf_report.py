@@ -351,22 +351,19 @@ def _why_step_floor(res: dict) -> str:
 
 
 def _why_memory(res: dict) -> str:
-    m, v, plan = res["methods"], res["plan"]["vision"], res["plan"]
+    m = res["methods"]
     lorsu, lora = m["lorsu"]["memory"], m["lora"]["memory"]
-    tokens = plan["batch"] * ((v["image_size"] // v["patch"]) ** 2 + 1)
-    keep = m["lorsu"].get("fc1_pattern", {}).get("block_cols", 1.0)
-    saved = tokens * v["width"] * keep * 4 * v["layers"]
+    static = lorsu["static_bytes"] - lora["static_bytes"]
+    in_step = (lorsu["peak_bytes"] - lorsu["static_bytes"]) - (lora["peak_bytes"] - lora["static_bytes"])
     lora_mlp = m["lora_mlp"]["memory"]["peak_bytes"] / lora["peak_bytes"]
     return (
-        f"- **Peak memory vs LoRA** (+{_mib(lorsu['peak_bytes'] - lora['peak_bytes'])} MiB). LoRSU trains fc1 "
-        f"entries, and their gradients need fc1's input: it keeps {keep:.0%} of fc1's input columns (those holding a "
-        f"selected entry) for backward, {_mib(saved)} MiB over {v['layers']} layers, which LoRA on q/k/v never needs. "
-        f"Its state between steps is {_mib(lorsu['static_bytes'] - lora['static_bytes'])} MiB larger (of which "
-        f"{_mib(m['lorsu']['adapter_buffer_bytes'])} MiB are the int32 fc1 indices and head rows); the rest is "
-        "backward's temporaries (fc1's rebuilt weight for the input gradient). Getting below LoRA needs fc1's "
-        "input recomputed in backward from the LayerNorm's input, which the fc1 layer does not see (not done). "
-        f"LoRA that also trains fc1 (`lora_mlp`) peaks at {lora_mlp:.3f}x LoRA, LoRSU at "
-        f"{lorsu['peak_bytes'] / lora['peak_bytes']:.3f}x."
+        f"- **Peak memory vs LoRA** (+{_mib(lorsu['peak_bytes'] - lora['peak_bytes'])} MiB). What LoRSU holds "
+        f"between steps is {_mib(static)} MiB more than LoRA ({_mib(m['lorsu']['adapter_buffer_bytes'])} MiB of "
+        "int32 fc1 indices and head rows, the rest the weights, gradients and Adam moments of its larger trainable "
+        f"count); within the step it needs {_mib(abs(in_step))} MiB {'more' if in_step > 0 else 'less'}: its layers "
+        "recompute their LayerNorm inputs in backward and q, k and v share one rank-r product, where LoRA keeps "
+        "q/k/v's input and three products per layer. LoRA that also trains fc1 (`lora_mlp`) peaks at "
+        f"{lora_mlp:.3f}x LoRA, LoRSU at {lorsu['peak_bytes'] / lora['peak_bytes']:.3f}x."
     )
 
 

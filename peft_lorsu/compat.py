@@ -135,6 +135,12 @@ def full_shape(weight: torch.Tensor) -> torch.Size:
     return torch.Size(getattr(weight, "ds_shape", weight.shape))
 
 
+def is_partitioned(param: torch.Tensor | None) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``param`` (its data is gathered only inside its module's forward and
+    backward). Tested with deepspeed 0.19.8."""
+    return hasattr(param, "ds_id")
+
+
 def set_base_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     """Write a merged base weight: peft's accessor (>= 0.20, re-quantises), else ``.weight.data``."""
     accessor = getattr(layer, "set_base_weight", None)

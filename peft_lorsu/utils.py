@@ -111,7 +111,8 @@ class PluginTuner(BaseTuner):
     - Targets are found by module structure in ``_prepare_model``, not from a per-architecture name table, so
       ``_prepare_adapter_config`` has nothing to look up.
     - Unloading puts the original module back as it is: modules without a ``.weight`` (a fused attention, CLIP's
-      text embeddings) would break peft's default replacement, which copies the weight's device over.
+      text embeddings) would break peft's default replacement, which copies the weight's device over. A layer that
+      placed hooks on other modules of the model (``remove_hooks``) takes them off first.
     """
 
     target_module_mapping: dict[str, list[str]] = {}
@@ -133,6 +134,8 @@ class PluginTuner(BaseTuner):
         if isinstance(new_module, BaseTunerLayer):
             super()._replace_module(parent, child_name, new_module, child)
         else:
+            if callable(getattr(child, "remove_hooks", None)):
+                child.remove_hooks()
             setattr(parent, child_name, new_module)
 
 

@@ -48,6 +48,11 @@ class EncoderFamily:
         num_heads: attribute names holding the block's number of heads ``H``.
         head_dim: attribute names holding the head size ``d_h``; ``q.out_features // H`` when none is present.
         fc1: paths of the MLP's first linear (``m x d``, the one LoRSU updates sparsely) inside one encoder layer.
+        attention_norm / fc1_norm: paths of the ``torch.nn.LayerNorm`` whose output is the input of q/k/v / of fc1,
+            inside one encoder layer. Optional: with them, training recomputes that input from the norm's input (which
+            the norm keeps for its own backward anyway) instead of keeping an `(N, d)` activation per layer for the
+            factor ``V``'s and fc1's value gradients. Each call checks that the layer really receives the norm's
+            unmodified output, and keeps its input as usual otherwise.
         projections: tower kind -> paths of the linear that projects the tower's pooled output into the joint
             embedding space. Relative to the tower; ``"../name"`` is a sibling of the tower (``visual_projection`` next
             to ``vision_model`` in ``CLIPModel``). Kinds without an entry have no projection.
@@ -62,6 +67,8 @@ class EncoderFamily:
     num_heads: tuple[str, ...] = ("num_heads",)
     head_dim: tuple[str, ...] = ("head_dim",)
     fc1: tuple[str, ...] = ("mlp.fc1",)
+    attention_norm: tuple[str, ...] = ("layer_norm1",)
+    fc1_norm: tuple[str, ...] = ("layer_norm2",)
     projections: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     notes: str = ""
 
@@ -69,7 +76,7 @@ class EncoderFamily:
         # Accept a plain string where a tuple of candidates is expected, and check everything once, here.
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"EncoderFamily.name must be a non-empty string, got {self.name!r}")
-        for attr in ("layers", "attention", "num_heads", "head_dim", "fc1"):
+        for attr in ("layers", "attention", "num_heads", "head_dim", "fc1", "attention_norm", "fc1_norm"):
             object.__setattr__(self, attr, _as_tuple(getattr(self, attr)))
             if not all(isinstance(v, str) and v for v in getattr(self, attr)):
                 raise ValueError(f"EncoderFamily({self.name!r}).{attr} must be strings, got {getattr(self, attr)!r}")
@@ -135,6 +142,8 @@ _BUILTIN = (
         num_heads=("num_attention_heads", "num_heads"),
         head_dim=("head_dim", "attention_head_size"),
         fc1=("mlp.fc1", "intermediate.dense"),
+        attention_norm=("layernorm_before",),
+        fc1_norm=("layernorm_after",),
         notes="ViTModel, ViTForImageClassification (transformers 5 names and the older attention.attention.query)",
     ),
     EncoderFamily(
@@ -151,6 +160,8 @@ _BUILTIN = (
         num_heads=("num_attention_heads", "num_heads"),
         head_dim=("head_dim", "attention_head_size"),
         fc1=("mlp.fc1", "mlp.up_proj", "mlp.weights_in"),
+        attention_norm=("norm1",),
+        fc1_norm=("norm2",),
         notes="Dinov2Model, Dinov2Backbone, Dinov2ForImageClassification, DINOv2 with registers; the SwiGLU MLP's "
         "up_proj plays fc1 (before transformers 5, its fused gate-and-up weights_in)",
     ),
@@ -163,6 +174,8 @@ _BUILTIN = (
         layers=("resblocks",),
         attention=("attn",),
         fc1=("mlp.c_fc",),
+        attention_norm=("ln_1",),
+        fc1_norm=("ln_2",),
         projections={"text": ("text_projection",)},
         notes="OpenCLIP ViT towers (torch.nn.MultiheadAttention, fused in_proj_weight); the raw `proj` parameter is "
         "not adapted",

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..compat import BufferDict, full_shape, get_base_weight, move_adapter_to_base_device, set_base_weight
 from ..utils import check_index_tensor
+from .saved_inputs import ForwardScope, NormTap, add_to_columns, normed_linear
 
 
 class LoRSULayer(BaseTunerLayer):
@@ -171,6 +172,22 @@ class LoRSUModule(nn.Module, LoRSULayer):
 class LoRSULinear(LoRSUModule):
     """A LoRSU layer around an ``nn.Linear``."""
 
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.input_norm: NormTap | None = None  # set by tap_input_norm
+
+    def tap_input_norm(self, norm: nn.LayerNorm) -> None:
+        """Let training recompute this layer's input from ``norm``, the LayerNorm whose output it receives (see
+        :class:`NormTap`), instead of keeping an `(N, C)` activation for backward. Idempotent."""
+        if self.input_norm is None:
+            self.input_norm = NormTap(norm)
+
+    def remove_hooks(self) -> None:
+        """Take this layer's hooks off the model (when the layer is unloaded)."""
+        if self.input_norm is not None:
+            self.input_norm.remove()
+            self.input_norm = None
+
     def _base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """`(N, d_out)` base output over the flattened positions `(N, d_in)`, bias deltas folded into the bias.
 
@@ -211,6 +228,8 @@ class HeadLoRALinear(LoRSULinear):
         # adapter -> layer holding V (self, or the sibling projection that owns the shared factor). A plain dict, so
         # the owner is not registered as a submodule twice.
         self.factor_owner: dict[str, HeadLoRALinear] = {}
+        # z = x V^T shared with the sibling projections during one call of the attention block (share_inputs_within)
+        self.z_scope: ForwardScope | None = None
         self._active_adapter = adapter_name
         self._register_load_state_dict_pre_hook(self._check_loaded_rows)
         self.update_layer(adapter_name, **kwargs)
@@ -300,20 +319,57 @@ class HeadLoRALinear(LoRSULinear):
 
     def _adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self._base_forward(x, *args, **kwargs)  # (N, d_out), a fresh tensor: in-place adds are safe
-        x2 = x.reshape(-1, x.shape[-1])
         for adapter in self.active_adapters:
             if adapter not in self.lorsu_U:
                 continue
-            V = self.factor(adapter)
-            z = F.linear(self.lorsu_dropout[adapter](self._cast_input_dtype(x2, V.dtype)), V)  # (N, r)
+            z = self._low_rank_input(adapter, x)  # (N, r)
             delta = F.linear(z, self.lorsu_U[adapter])  # (N, n_rows)
             if self.scaling[adapter] != 1:
                 delta = delta * self.scaling[adapter]
             if adapter in self.lorsu_rows:
-                result = result.index_add_(-1, self.lorsu_rows[adapter], delta.to(result.dtype))
+                result = add_to_columns(result, self.lorsu_rows[adapter], delta.to(result.dtype))
             else:
                 result = result.add_(delta.to(result.dtype))
         return result.view(*x.shape[:-1], result.shape[-1])
+
+    def share_inputs_within(self, block: nn.Module) -> None:
+        """Let the projections that share this layer's ``V`` reuse its ``z = x V^T`` during each call of ``block``,
+        their attention block (see :meth:`_low_rank_input`). Idempotent."""
+        if self.z_scope is None:
+            self.z_scope = ForwardScope(block)
+
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
+        if self.z_scope is not None:
+            self.z_scope.remove()
+            self.z_scope = None
+
+    def _low_rank_input(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """`(N, r)` ``z = dropout(x) V^T`` over the `(N, d_in)` flattened positions of ``x``.
+
+        Without dropout, ``z`` depends on ``x`` and ``V`` alone, so the projections that share ``V`` (q, k and v)
+        compute it once per call of their attention block: the first keeps it in the scope of ``V``'s owner and the
+        others reuse it when they receive the same, unmodified ``x``. Autograd then sums their gradients into ``z`` and
+        computes ``V``'s and ``x``'s gradients once instead of three times. In training, backward recomputes ``x``
+        from the attention's LayerNorm instead of keeping it (:class:`NormTap`).
+        """
+        V = self.factor(adapter)
+        x2 = self._cast_input_dtype(x.reshape(-1, x.shape[-1]), V.dtype)
+        dropout = self.lorsu_dropout[adapter]
+        if not isinstance(dropout, nn.Identity) or torch.compiler.is_compiling():
+            return F.linear(dropout(x2), V)  # a mask per projection; compiled graphs share what they can themselves
+        scope = self.factor_owner[adapter].z_scope
+        shared = scope is not None and scope.open
+        modes = (torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
+        if shared and adapter in scope.values:
+            x_seen, x_version, z, v_version, z_modes = scope.values[adapter]
+            if x_seen is x and x._version == x_version and V._version == v_version and z_modes == modes:
+                return z
+        norm = self.input_norm.input_for(x) if self.input_norm is not None else None
+        z = normed_linear(x2, V, norm)
+        if shared:
+            scope.values[adapter] = (x, x._version, z, V._version, modes)
+        return z
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

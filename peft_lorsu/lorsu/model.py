@@ -12,7 +12,7 @@ from .fused import HeadLoRAInProjection
 from .layer import HeadLoRALinear, LoRSULayer
 from .scoring import check_top_k_heads, num_sparse_values, random_selection
 from .sparse import SparseLinear
-from .targets import Site, as_linear, attention_blocks, find_sites, trains_bias
+from .targets import QKV, Site, as_linear, attention_blocks, find_sites, trains_bias
 
 LAYER_CLASSES = {"fc1": SparseLinear, "qkv": HeadLoRAInProjection}
 
@@ -72,6 +72,10 @@ def create_lorsu_layer(
     if adapter_name not in tuner.active_adapters:
         # adding an additional adapter: it is not automatically trainable
         new_module.requires_grad_(False)
+    if site.norm and site.role != "qkv":  # a fused attention takes the norm's output through its own code
+        new_module.tap_input_norm(tuner.model.get_submodule(site.norm))
+    if site.role in QKV:
+        new_module.share_inputs_within(tuner.model.get_submodule(site.block))
     tuner._replace_module(parent, target_name, new_module, target)
 
 

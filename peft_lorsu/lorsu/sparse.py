@@ -139,9 +139,11 @@ class SparseLinear(LoRSULinear):
         deltas = self._deltas(self.active_adapters)
         if not deltas:
             return self._base_forward(x, *args, **kwargs).view(*x.shape[:-1], self.out_features)
-        pattern = self.pattern(self.active_adapters) if torch.is_grad_enabled() else None
+        training = torch.is_grad_enabled()
+        pattern = self.pattern(self.active_adapters) if training else None
+        norm = self.input_norm.input_for(x) if training and self.input_norm is not None else None
         base = self.get_base_layer()
-        return sparse_delta_linear(x, base.weight, self._biased(base.bias), deltas, pattern=pattern)
+        return sparse_delta_linear(x, base.weight, self._biased(base.bias), deltas, pattern=pattern, norm=norm)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # a sparse delta is generally full-rank

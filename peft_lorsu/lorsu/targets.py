@@ -68,6 +68,8 @@ class Site:
         num_heads / head_dim: ``H`` and ``d_h`` of the attention block (0 for other roles).
         qkv: paths of the modules holding the block's q, k and v weights: three linears, or the fused attention
             module alone. Empty for other roles.
+        norm: for q/k/v and fc1, the path of the ``torch.nn.LayerNorm`` whose output is the module's input (the
+            family's ``attention_norm`` / ``fc1_norm``), ``""`` when the layer has none of that exact class.
     """
 
     name: str
@@ -77,6 +79,7 @@ class Site:
     num_heads: int = 0
     head_dim: int = 0
     qkv: tuple[str, ...] = ()
+    norm: str = ""
 
 
 class Tower(NamedTuple):
@@ -195,6 +198,14 @@ def _first_linear(layer: nn.Module, layer_path: str, paths: tuple[str, ...]) -> 
     return None
 
 
+def _input_norm(layer: nn.Module, layer_path: str, paths: tuple[str, ...]) -> str:
+    # exactly nn.LayerNorm: a subclass may compute something else (OpenCLIP's casts to float32 and back)
+    for rel in paths:
+        if type(_child(layer, rel)) is nn.LayerNorm:
+            return _join(layer_path, rel)
+    return ""
+
+
 def _projection_site(model: nn.Module, tower: Tower) -> Site | None:
     for rel in tower.family.projections.get(tower.kind, ()):
         if rel.startswith("../"):
@@ -280,15 +291,16 @@ def _tower_sites(model: nn.Module, tower: Tower, config: TargetSpec) -> dict[str
                     f"count in {list(tower.family.num_heads)}, or a torch.nn.MultiheadAttention)"
                 )
             roles = ("qkv",) if block.role == "qkv" else QKV
+            norm = _input_norm(layer, layer_path, tower.family.attention_norm)
             for role, path in zip(roles, block.qkv):
-                sites[path] = Site(path, role, block.block, index, block.num_heads, block.head_dim, block.qkv)
+                sites[path] = Site(path, role, block.block, index, block.num_heads, block.head_dim, block.qkv, norm)
         if config.adapt_mlp or trains_bias(config, "mlp"):
             fc1 = _first_linear(layer, layer_path, tower.family.fc1)
             if fc1 is None:
                 raise ValueError(
                     f"{layer_path}: no MLP first linear of the {tower.family.name} family at {list(tower.family.fc1)}"
                 )
-            sites[fc1] = Site(fc1, "fc1", fc1, index)
+            sites[fc1] = Site(fc1, "fc1", fc1, index, norm=_input_norm(layer, layer_path, tower.family.fc1_norm))
     if config.adapt_projection:
         projection = _projection_site(model, tower)
         if projection is not None:

@@ -39,6 +39,13 @@ def process_group():
     torch.distributed.destroy_process_group()  # later tests expect no process group
 
 
+@pytest.fixture(autouse=True)
+def restore_linear(monkeypatch):
+    # ZeRO-3 replaces torch.nn.functional.linear for the whole process (its version keeps every input for backward,
+    # frozen weights' too) and leaves it replaced; later tests measure what plain torch keeps
+    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
+
+
 def ds_config(stage: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 4,

@@ -39,7 +39,9 @@ def concentrated_indices(n: int, rows: list[int], cols: list[int], seed: int = 0
 
 @pytest.mark.parametrize("kind", ["compact", "full", "two_adapters"])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_sparse_kernel_matches_dense_reference(kind, index_dtype, device):
+@pytest.mark.parametrize("chunk_rows", [512, 5])  # one chunk; or chunks of rows, some with no selected entry
+def test_sparse_kernel_matches_dense_reference(kind, index_dtype, chunk_rows, device, monkeypatch):
+    monkeypatch.setattr(functional, "CHUNK_ROWS", chunk_rows)
     torch.manual_seed(0)
     weight = torch.randn(M, D, dtype=torch.float64, device=device)
     bias = torch.randn(M, dtype=torch.float64, device=device, requires_grad=True)
@@ -52,6 +54,8 @@ def test_sparse_kernel_matches_dense_reference(kind, index_dtype, device):
     index_sets = [i.to(device, index_dtype) for i in index_sets]
     pattern = sparse_pattern(index_sets, (M, D))
     assert pattern.compact == (kind != "full")
+    if chunk_rows == 5 and kind != "full":  # rows 10-11 hold no entry: that chunk is multiplied without a copy
+        assert len(pattern.weight_chunks) == 3 and all(b[2][0] == b[2][1] for b in pattern.weight_bounds)
     deltas = [(torch.randn(len(i), dtype=torch.float64, device=device, requires_grad=True), i) for i in index_sets]
     x = torch.randn(3, 5, D, dtype=torch.float64, device=device, requires_grad=True)
 
